@@ -1,0 +1,310 @@
+"""The core transform: run a step function over k micro-batches in one ``lax.scan``."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxaccum import _args, _reduce, _split
+from jaxaccum._args import ArgRef, BoundCall
+from jaxaccum._reduce import Reduce
+from jaxaccum._split import Split
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+SCOPE = "jaxaccum.accumulate"
+
+
+def _check_k(k: Any) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(
+            f"k must be a positive int (the number of micro-batches), got {k!r} of type "
+            f"{type(k).__name__}; e.g. k=8. k is static: it fixes the scan length."
+        )
+    return int(k)
+
+
+def _check_unroll(unroll: Any) -> int | bool:
+    if isinstance(unroll, bool) or (isinstance(unroll, int) and unroll >= 1):
+        return unroll
+    raise ValueError(f"unroll must be a positive int or a bool, got {unroll!r}.")
+
+
+def _check_accum_dtype(accum_dtype: Any) -> np.dtype:
+    dtype = np.dtype(accum_dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"accum_dtype must be a floating dtype such as float32, got {dtype}.")
+    return dtype
+
+
+def _check_key(key: Any, label: str) -> None:
+    dtype = getattr(key, "dtype", None)
+    if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key):
+        if key.shape == ():
+            return
+    elif dtype == jnp.uint32 and np.ndim(key) == 1:
+        return
+    got = f"shape {getattr(key, 'shape', None)} dtype {dtype}" if dtype else type(key).__name__
+    raise TypeError(
+        f"rng argument {label} must be one PRNG key (jax.random.key(seed), or a legacy "
+        f"uint32 jax.random.PRNGKey(seed)), got {got}; split batches of keys before the call "
+        "or pass the key array as a batch argument instead."
+    )
+
+
+def _check_carry(before: Any, after: Any) -> None:
+    """Raises if the carried state coming out of step_fn differs in structure or type."""
+    # PyTreeDef comes from jaxlib without annotations that mypy can resolve.
+    s_before: Any = jax.tree.structure(before)
+    s_after: Any = jax.tree.structure(after)
+    if s_before != s_after:
+        raise ValueError(
+            "step_fn returned carried state with a different structure from what it "
+            f"received:\n  received: {s_before}\n  returned: {s_after}\nReturn "
+            "(outputs, new_state) where new_state has the structure of the carried argument(s)."
+        )
+    changed = [
+        f"{path}: {a.shape} {a.dtype} -> {b.shape} {b.dtype}"
+        for (path, a), (_, b) in zip(
+            _split.leaves_with_paths(before, "state"),
+            _split.leaves_with_paths(after, "state"),
+            strict=True,
+        )
+        if a.shape != b.shape or a.dtype != b.dtype
+    ]
+    if changed:
+        raise ValueError(
+            "carried state changed shape or dtype between micro-batches (lax.scan needs a "
+            "fixed carry): " + "; ".join(changed) + ". Cast the new state back in step_fn, "
+            "e.g. new.astype(old.dtype)."
+        )
+
+
+def _check_weight(shape: Any) -> None:
+    if not (
+        hasattr(shape, "shape") and shape.shape == () and jnp.issubdtype(shape.dtype, jnp.number)
+    ):
+        got = f"shape {shape.shape} dtype {shape.dtype}" if hasattr(shape, "shape") else shape
+        raise ValueError(
+            f"weight_fn must return one real scalar per micro-batch (e.g. mask.sum()), got {got}."
+        )
+
+
+def accumulate(
+    step_fn: F,
+    k: int,
+    *,
+    batch_argnums: int | Sequence[int] | None = None,
+    batch_argnames: str | Sequence[str] = (),
+    carry_argnums: int | Sequence[int] = (),
+    carry_argnames: str | Sequence[str] = (),
+    rng_argnums: int | Sequence[int] = (),
+    rng_argnames: str | Sequence[str] = (),
+    weight_fn: Callable[..., Any] | None = None,
+    reduce: Any = None,
+    split: Split = "strided",
+    accum_dtype: Any = jnp.float32,
+    unroll: int | bool = 1,
+) -> F:
+    """Runs ``step_fn`` over k micro-batches of a batch and reduces the outputs.
+
+    The batch argument (any pytree of arrays sharing a leading axis of size N) is split
+    into k micro-batches of N/k examples. ``step_fn`` runs on each inside one
+    ``jax.lax.scan``, so only one micro-batch's activations are alive at a time, and the
+    outputs are combined: floating leaves averaged, integer leaves summed. For a loss that
+    is a mean over examples, ``accumulate(jax.value_and_grad(loss), k)`` equals
+    ``jax.value_and_grad(loss)`` on the whole batch up to float32 round-off.
+
+    Accumulate the gradient function, do not differentiate the accumulated function:
+    ``jax.grad(accumulate(loss, k))`` keeps every micro-batch's residuals alive.
+
+    Args:
+      step_fn: the function to run per micro-batch, typically ``jax.value_and_grad(loss)``.
+      k: the number of micro-batches (static). ``k == 1`` returns ``step_fn`` itself.
+      batch_argnums: positions of the batch argument(s); default 1 (``step_fn(params,
+        batch)``), or none when ``batch_argnames`` is given.
+      batch_argnames: names of batch arguments passed by keyword.
+      carry_argnums: positions of carried state (e.g. BatchNorm statistics). ``step_fn``
+        then returns ``(outputs, new_state)`` (a tuple of new states, in the order given
+        by ``carry_argnums`` then ``carry_argnames``, if several), micro-batch j+1 sees the
+        state micro-batch j returned, and the accumulated function returns
+        ``(reduced_outputs, final_state)``.
+      carry_argnames: names of carried arguments passed by keyword.
+      rng_argnums: positions of PRNG keys; micro-batch j receives
+        ``jax.random.fold_in(key, j)``.
+      rng_argnames: names of PRNG-key arguments passed by keyword.
+      weight_fn: called with the micro-batch argument(s), returns a scalar weight
+        ``w_j`` (e.g. ``lambda mb: mb["mask"].sum()``); floating outputs then default to
+        the weighted mean ``sum_j w_j out_j / sum_j w_j``, exact for token-mean losses.
+      reduce: a :class:`Reduce` (or its string value), or a pytree prefix of the outputs
+        with a ``Reduce`` or ``None`` (dtype default) at each node.
+      split: ``"strided"`` (default), ``"contiguous"`` or ``"presplit"``; see :data:`Split`.
+      accum_dtype: dtype of the running sums of floating leaves (promoted with the leaf's
+        own dtype, so float64 stays float64); outputs are cast back once at the end.
+      unroll: passed to ``jax.lax.scan``; 1 keeps program size independent of k.
+
+    Returns:
+      A function with ``step_fn``'s signature returning the reduced outputs, or
+      ``(reduced_outputs, final_state)`` when arguments are carried.
+
+    Raises:
+      ValueError: for a bad ``k``, ``split``, ``unroll`` or ``accum_dtype``, or an argument
+        given two roles. At trace time, for batches that cannot be split, a ``reduce``
+        spec that does not fit the outputs, a non-scalar weight, or carried state that
+        changes structure, shape or dtype.
+      TypeError: at trace time, for non-array batch leaves, a missing batch argument, a
+        reduction that does not fit a leaf's dtype, or an rng argument that is no PRNG key.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxaccum
+      >>> def loss(w, batch):
+      ...     return jnp.mean((batch["x"] @ w - batch["y"]) ** 2)
+      >>> w = jnp.ones(3)
+      >>> batch = {"x": jnp.arange(24.0).reshape(8, 3), "y": jnp.arange(8.0)}
+      >>> grad_fn = jaxaccum.accumulate(jax.value_and_grad(loss), k=4)
+      >>> value, grads = jax.jit(grad_fn)(w, batch)
+      >>> ref_value, ref_grads = jax.value_and_grad(loss)(w, batch)
+      >>> bool(jnp.allclose(value, ref_value)), bool(jnp.allclose(grads, ref_grads))
+      (True, True)
+
+      Token-weighted accumulation: each micro-batch's loss is a mean over its valid
+      tokens, the weight is its number of valid tokens.
+
+      >>> def token_loss(w, mb):
+      ...     err = (mb["x"] @ w - mb["y"]) ** 2
+      ...     return jnp.sum(err * mb["mask"]) / jnp.maximum(mb["mask"].sum(), 1)
+      >>> batch["mask"] = jnp.array([1, 1, 1, 0, 1, 0, 0, 0], jnp.float32)
+      >>> weighted = jaxaccum.accumulate(
+      ...     jax.value_and_grad(token_loss), k=2, weight_fn=lambda mb: mb["mask"].sum())
+      >>> bool(jnp.allclose(weighted(w, batch)[0], token_loss(w, batch)))
+      True
+    """
+    k = _check_k(k)
+    split = _split.check_split(split)
+    unroll = _check_unroll(unroll)
+    accum = _check_accum_dtype(accum_dtype)
+    if weight_fn is not None and not callable(weight_fn):
+        raise TypeError(f"weight_fn must be callable, got {type(weight_fn).__name__}.")
+    spec = _reduce.spec_members(reduce)
+    nums = _args.as_tuple(() if batch_argnums is None else batch_argnums, "batch_argnums", int)
+    if batch_argnums is None and not batch_argnames:
+        nums = (1,)
+    roles = {
+        "batch": _args.resolve_refs(
+            step_fn, nums, _args.as_tuple(batch_argnames, "batch_argnames", str)
+        ),
+        "carry": _args.resolve_refs(
+            step_fn,
+            _args.as_tuple(carry_argnums, "carry_argnums", int),
+            _args.as_tuple(carry_argnames, "carry_argnames", str),
+        ),
+        "rng": _args.resolve_refs(
+            step_fn,
+            _args.as_tuple(rng_argnums, "rng_argnums", int),
+            _args.as_tuple(rng_argnames, "rng_argnames", str),
+        ),
+    }
+    if not roles["batch"]:
+        raise ValueError("no batch argument: give batch_argnums= or batch_argnames=.")
+    _args.check_disjoint(roles)
+    if k == 1 and Reduce.STACK not in spec:
+        return step_fn
+
+    @functools.wraps(step_fn)
+    def accumulated(*args: Any, **kwargs: Any) -> Any:
+        call = BoundCall(args, kwargs)
+        with jax.named_scope(SCOPE):
+            return _run(step_fn, call, roles, k, weight_fn, reduce, split, accum, unroll)
+
+    return accumulated  # type: ignore[return-value]
+
+
+def _run(
+    step_fn: Callable[..., Any],
+    call: BoundCall,
+    roles: dict[str, tuple[ArgRef, ...]],
+    k: int,
+    weight_fn: Callable[..., Any] | None,
+    reduce: Any,
+    split: Split,
+    accum_dtype: np.dtype,
+    unroll: int | bool,
+) -> Any:
+    batch_refs, carry_refs, rng_refs = roles["batch"], roles["carry"], roles["rng"]
+    batch = {ref.label: call.get(ref, "batch") for ref in batch_refs}
+    state = tuple(call.get(ref, "carry") for ref in carry_refs)
+    keys = tuple(call.get(ref, "rng") for ref in rng_refs)
+    for ref, key in zip(rng_refs, keys, strict=True):
+        _check_key(key, ref.label)
+    micro = _split.microbatches(batch, k, split)
+
+    def run_one(mb: dict[str, Any], state: tuple[Any, ...], j: Any) -> tuple[Any, Any, Any]:
+        values = dict(zip(batch_refs, mb.values(), strict=True))
+        values.update(zip(carry_refs, state, strict=True))
+        values.update(
+            (ref, jax.random.fold_in(key, j)) for ref, key in zip(rng_refs, keys, strict=True)
+        )
+        args, kwargs = call.replaced(values)
+        result = step_fn(*args, **kwargs)
+        if carry_refs:
+            out, new_state = _unpack_state(result, len(carry_refs))
+        else:
+            out, new_state = result, ()
+        w = None if weight_fn is None else weight_fn(*mb.values())
+        return out, new_state, w
+
+    mb_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), micro)
+    out_shapes, state_shapes, w_shape = jax.eval_shape(run_one, mb_shapes, state, 0)
+    _check_carry(jax.eval_shape(lambda s: s, state), state_shapes)
+    if weight_fn is not None:
+        _check_weight(w_shape)
+    reductions = _reduce.resolve(reduce, out_shapes, weight_fn is not None)
+    treedef: Any
+    flat_r, treedef = jax.tree.flatten(reductions, is_leaf=lambda x: isinstance(x, Reduce))
+    flat_shapes = treedef.flatten_up_to(out_shapes)
+    accs = [_reduce.init(r, s, accum_dtype) for r, s in zip(flat_r, flat_shapes, strict=True)]
+    w_dtype = jnp.promote_types(accum_dtype, jnp.float32)
+
+    def body(carry: Any, xs: Any) -> tuple[Any, Any]:
+        accs, state, w_sum = carry
+        mb, j = xs
+        out, new_state, w = run_one(mb, state, j)
+        w = None if w is None else jnp.asarray(w).astype(w_dtype)
+        flat_out = treedef.flatten_up_to(out)
+        accs = [_reduce.update(r, a, x, w) for r, a, x in zip(flat_r, accs, flat_out, strict=True)]
+        stacked = [x if r is Reduce.STACK else None for r, x in zip(flat_r, flat_out, strict=True)]
+        w_sum = w_sum if w is None else w_sum + jnp.where(w > 0, w, 0)
+        return (accs, new_state, w_sum), stacked
+
+    init = (accs, state, jnp.zeros((), w_dtype))
+    (accs, state, w_sum), stacked = jax.lax.scan(body, init, (micro, jnp.arange(k)), unroll=unroll)
+    out_flat = [
+        ys if r is Reduce.STACK else _reduce.finish(r, a, s.dtype, k, w_sum)
+        for r, a, s, ys in zip(flat_r, accs, flat_shapes, stacked, strict=True)
+    ]
+    out = treedef.unflatten(out_flat)
+    if not carry_refs:
+        return out
+    return out, state[0] if len(carry_refs) == 1 else state
+
+
+def _unpack_state(result: Any, n: int) -> tuple[Any, tuple[Any, ...]]:
+    if not (isinstance(result, tuple) and len(result) == 2):
+        raise ValueError(
+            "with carried arguments, step_fn must return (outputs, new_state); got "
+            f"{type(result).__name__}."
+        )
+    out, new_state = result
+    if n == 1:
+        return out, (new_state,)
+    if not (isinstance(new_state, tuple) and len(new_state) == n):
+        raise ValueError(
+            f"step_fn carries {n} arguments, so it must return (outputs, (state_1, ..., "
+            f"state_{n})); got new_state of type {type(new_state).__name__}."
+        )
+    return out, new_state

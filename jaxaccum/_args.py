@@ -1,0 +1,110 @@
+"""Which arguments of a step function are batches, carried state or PRNG keys."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import operator
+from collections.abc import Callable, Sequence
+from typing import Any
+
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+_KEYWORD = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+
+
+@dataclasses.dataclass(frozen=True)
+class ArgRef:
+    """One argument of the step function, addressable by position, by name or both."""
+
+    num: int | None
+    name: str | None
+
+    @property
+    def label(self) -> str:
+        """A readable name for error messages, e.g. ``batch`` or ``argument 1``."""
+        return self.name if self.name is not None else f"argument {self.num}"
+
+
+def as_tuple(value: Any, option: str, kind: type) -> tuple[Any, ...]:
+    """Normalises an ``int | Sequence[int]`` (or str) option to a tuple, checking types."""
+    items = (value,) if isinstance(value, (int, str)) else tuple(value)
+    for item in items:
+        if kind is int:
+            if isinstance(item, bool) or not isinstance(item, int) or item < 0:
+                raise TypeError(f"{option} must hold non-negative ints, got {item!r}.")
+            operator.index(item)
+        elif not isinstance(item, str) or not item.isidentifier():
+            raise TypeError(f"{option} must hold argument names (str), got {item!r}.")
+    return items
+
+
+def resolve_refs(
+    fn: Callable[..., Any], nums: Sequence[int], names: Sequence[str]
+) -> tuple[ArgRef, ...]:
+    """Pairs positions with names using ``fn``'s signature where it has one (like jax.jit)."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        params = []
+    positional = [p for p in params if p.kind in _POSITIONAL]
+    refs: list[ArgRef] = []
+    for num in nums:
+        param = positional[num] if num < len(positional) else None
+        name = param.name if param is not None and param.kind in _KEYWORD else None
+        refs.append(ArgRef(num, name))
+    for name in names:
+        if any(ref.name == name for ref in refs):
+            continue
+        index = next((i for i, p in enumerate(positional) if p.name == name), None)
+        refs.append(ArgRef(index, name))
+    return tuple(refs)
+
+
+def check_disjoint(roles: dict[str, tuple[ArgRef, ...]]) -> None:
+    """Raises if one argument is given two roles (say both batch and carry)."""
+    seen: dict[Any, str] = {}
+    for role, refs in roles.items():
+        for ref in refs:
+            for key in (("num", ref.num), ("name", ref.name)):
+                if key[1] is None:
+                    continue
+                if key in seen:
+                    raise ValueError(
+                        f"{ref.label} is marked both as {seen[key]} and as {role}; "
+                        "each argument can have one role only."
+                    )
+                seen[key] = role
+
+
+class BoundCall:
+    """The positional and keyword arguments of one call, readable and replaceable by ref."""
+
+    def __init__(self, args: tuple[Any, ...], kwargs: dict[str, Any]):
+        self.args = list(args)
+        self.kwargs = dict(kwargs)
+
+    def _where(self, ref: ArgRef, role: str) -> tuple[str, Any]:
+        if ref.num is not None and ref.num < len(self.args):
+            return "args", ref.num
+        if ref.name is not None and ref.name in self.kwargs:
+            return "kwargs", ref.name
+        got = f"{len(self.args)} positional argument(s) and keywords {sorted(self.kwargs)}"
+        raise TypeError(
+            f"the {role} argument {ref.label} was not passed (got {got}); pass it, or point "
+            f"jaxaccum.accumulate at it with {role}_argnums=/{role}_argnames=."
+        )
+
+    def get(self, ref: ArgRef, role: str) -> Any:
+        where, key = self._where(ref, role)
+        return self.args[key] if where == "args" else self.kwargs[key]
+
+    def replaced(self, values: dict[ArgRef, Any]) -> tuple[list[Any], dict[str, Any]]:
+        """A copy of the call with the given arguments swapped for new values."""
+        args, kwargs = list(self.args), dict(self.kwargs)
+        for ref, value in values.items():
+            where, key = self._where(ref, "")
+            if where == "args":
+                args[key] = value
+            else:
+                kwargs[key] = value
+        return args, kwargs

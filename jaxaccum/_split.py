@@ -1,0 +1,147 @@
+"""Checking a batch pytree and cutting it into k micro-batches."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, get_args
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Split = Literal["strided", "contiguous", "presplit"]
+"""How a batch of N examples becomes k micro-batches.
+
+* ``"strided"`` (default): micro-batch ``j`` holds examples ``j, j+k, j+2k, ...``.
+  A batch sharded over devices along its leading axis stays local to each device.
+* ``"contiguous"``: micro-batch ``j`` holds examples ``j*N/k ... (j+1)*N/k - 1``.
+* ``"presplit"``: every leaf already has a leading axis of size k; micro-batch ``j`` is
+  ``leaf[j]``.
+"""
+
+SPLITS: tuple[str, ...] = get_args(Split)
+
+
+def check_split(split: Any) -> Split:
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r} is not one of {SPLITS}.")
+    return split
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def leaves_with_paths(tree: Any, label: str) -> list[tuple[str, Any]]:
+    """Every leaf of ``tree`` with a readable path such as ``batch['x']``."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return [(label + jax.tree_util.keystr(path), leaf) for path, leaf in flat]
+
+
+def leading_size(batch: dict[str, Any], what: str = "the batch") -> int:
+    """The shared leading-axis size of all leaves; raises a teaching error otherwise.
+
+    Args:
+      batch: maps an argument label to its pytree of arrays.
+      what: how to name the batch in messages.
+    """
+    leaves = [pl for label, tree in batch.items() for pl in leaves_with_paths(tree, label)]
+    if not leaves:
+        raise ValueError(
+            f"{what} has no array leaves ({', '.join(batch)} is an empty pytree); pass a pytree "
+            "of arrays whose leading axis indexes examples."
+        )
+    sizes: dict[str, int] = {}
+    for path, leaf in leaves:
+        if not (hasattr(leaf, "shape") and hasattr(leaf, "dtype")):
+            raise TypeError(
+                f"leaf {path} of {what} is a {type(leaf).__name__}, not an array; batch leaves "
+                "must be arrays with a leading example axis. Move non-array values out of the "
+                "batch into another argument."
+            )
+        if np.ndim(leaf) == 0:
+            raise ValueError(
+                f"leaf {path} of {what} is a scalar with no leading example axis; give it "
+                "shape (N, ...) or pass it as a non-batch argument."
+            )
+        sizes[path] = int(leaf.shape[0])
+    if len(set(sizes.values())) > 1:
+        listing = ", ".join(f"{p}: {n}" for p, n in sizes.items())
+        raise ValueError(
+            f"leaves of {what} disagree on the leading (example) axis size: {listing}. "
+            "Every batch leaf needs the same leading size."
+        )
+    n = next(iter(sizes.values()))
+    if n == 0:
+        raise ValueError(f"{what} is empty: its leading axis has size 0 at {next(iter(sizes))}.")
+    return n
+
+
+def check_divisible(n: int, k: int, where: str) -> None:
+    if k > n:
+        raise ValueError(
+            f"k={k} is larger than the batch size {n} at {where}; choose k <= {n} "
+            f"(a divisor of {n}: {divisors(n)})."
+        )
+    if n % k:
+        raise ValueError(
+            f"batch size {n} at leaf {where} is not divisible by k={k}; choose k from "
+            f"{divisors(n)}, or pad the batch to a multiple of k with jaxaccum.pad_batch and "
+            "give the padding zero weight through weight_fn."
+        )
+
+
+def microbatches(batch: dict[str, Any], k: int, split: Split) -> dict[str, Any]:
+    """Reshapes every leaf to a leading axis of k micro-batches (checked first)."""
+    n = leading_size(batch)
+    first = next(p for label, t in batch.items() for p, _ in leaves_with_paths(t, label))
+    if split == "presplit":
+        if n != k:
+            raise ValueError(
+                f"split='presplit' needs a leading axis of size k={k} on every batch leaf, got "
+                f"{n} at {first}; reshape to (k, N/k, ...) or use split='strided'."
+            )
+        return batch
+    check_divisible(n, k, first)
+
+    def cut(x: jax.Array) -> jax.Array:
+        x = jnp.asarray(x)
+        if split == "contiguous":
+            return x.reshape((k, n // k, *x.shape[1:]))
+        return jnp.swapaxes(x.reshape((n // k, k, *x.shape[1:])), 0, 1)
+
+    return jax.tree.map(cut, batch)
+
+
+def pad_batch(batch: Any, multiple: int) -> tuple[Any, jax.Array]:
+    """Pads a batch along its leading axis to a multiple of ``multiple``.
+
+    Padding rows are zeros. The returned mask is ``True`` for real examples, so a
+    ``weight_fn`` that counts it (or a loss that multiplies by it) gives the padding no
+    weight, and a short final batch keeps a static shape (no recompilation).
+
+    Args:
+      batch: a pytree of arrays sharing a leading axis of size N.
+      multiple: the padded size is the smallest multiple of this that is >= N.
+
+    Returns:
+      ``(padded_batch, mask)`` where ``mask`` has shape ``(padded_size,)`` and dtype bool.
+
+    Raises:
+      ValueError: if ``multiple`` is not a positive int or the batch is malformed.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxaccum
+      >>> padded, mask = jaxaccum.pad_batch({"x": jnp.ones((5, 2))}, 4)
+      >>> padded["x"].shape, mask.tolist()
+      ((8, 2), [True, True, True, True, True, False, False, False])
+    """
+    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
+        raise ValueError(f"multiple must be a positive int, got {multiple!r}.")
+    n = leading_size({"batch": batch})
+    size = -(-n // multiple) * multiple
+
+    def pad(x: jax.Array) -> jax.Array:
+        x = jnp.asarray(x)
+        return jnp.pad(x, [(0, size - n)] + [(0, 0)] * (x.ndim - 1))
+
+    return jax.tree.map(pad, batch), jnp.arange(size) < n
