@@ -241,7 +241,7 @@ def _run(
     keys = tuple(call.get(ref, "rng") for ref in rng_refs)
     for ref, key in zip(rng_refs, keys, strict=True):
         _check_key(key, ref.label)
-    micro = _split.microbatches(batch, k, split)
+    views, axis = _split.microbatches(batch, k, split)
 
     def run_one(mb: dict[str, Any], state: tuple[Any, ...], j: Any) -> tuple[Any, Any, Any]:
         values = dict(zip(batch_refs, mb.values(), strict=True))
@@ -258,8 +258,9 @@ def _run(
         w = None if weight_fn is None else weight_fn(*mb.values())
         return out, new_state, w
 
-    mb_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), micro)
-    out_shapes, state_shapes, w_shape = jax.eval_shape(run_one, mb_shapes, state, 0)
+    out_shapes, state_shapes, w_shape = jax.eval_shape(
+        run_one, _split.shapes(views, axis), state, 0
+    )
     _check_carry(jax.eval_shape(lambda s: s, state), state_shapes)
     if weight_fn is not None:
         _check_weight(w_shape)
@@ -270,10 +271,9 @@ def _run(
     accs = [_reduce.init(r, s, accum_dtype) for r, s in zip(flat_r, flat_shapes, strict=True)]
     w_dtype = jnp.promote_types(accum_dtype, jnp.float32)
 
-    def body(carry: Any, xs: Any) -> tuple[Any, Any]:
+    def body(carry: Any, j: Any) -> tuple[Any, Any]:
         accs, state, w_sum = carry
-        mb, j = xs
-        out, new_state, w = run_one(mb, state, j)
+        out, new_state, w = run_one(_split.index(views, j, axis), state, j)
         w = None if w is None else jnp.asarray(w).astype(w_dtype)
         flat_out = treedef.flatten_up_to(out)
         accs = [_reduce.update(r, a, x, w) for r, a, x in zip(flat_r, accs, flat_out, strict=True)]
@@ -282,7 +282,7 @@ def _run(
         return (accs, new_state, w_sum), stacked
 
     init = (accs, state, jnp.zeros((), w_dtype))
-    (accs, state, w_sum), stacked = jax.lax.scan(body, init, (micro, jnp.arange(k)), unroll=unroll)
+    (accs, state, w_sum), stacked = jax.lax.scan(body, init, jnp.arange(k), unroll=unroll)
     out_flat = [
         ys if r is Reduce.STACK else _reduce.finish(r, a, s.dtype, k, w_sum)
         for r, a, s, ys in zip(flat_r, accs, flat_shapes, stacked, strict=True)

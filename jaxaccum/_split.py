@@ -90,8 +90,14 @@ def check_divisible(n: int, k: int, where: str) -> None:
         )
 
 
-def microbatches(batch: dict[str, Any], k: int, split: Split) -> dict[str, Any]:
-    """Reshapes every leaf to a leading axis of k micro-batches (checked first)."""
+def microbatches(batch: dict[str, Any], k: int, split: Split) -> tuple[dict[str, Any], int]:
+    """A free reshape of every leaf exposing a micro-batch axis (checked first).
+
+    Returns ``(views, axis)``: micro-batch ``j`` is ``index(view, j, axis)`` of each leaf.
+    The strided split reshapes to ``(N/k, k, ...)`` and indexes axis 1 inside the loop
+    instead of transposing, so the batch is never copied and a leading-axis sharding stays
+    local to each device.
+    """
     n = leading_size(batch)
     first = next(p for label, t in batch.items() for p, _ in leaves_with_paths(t, label))
     if split == "presplit":
@@ -100,16 +106,25 @@ def microbatches(batch: dict[str, Any], k: int, split: Split) -> dict[str, Any]:
                 f"split='presplit' needs a leading axis of size k={k} on every batch leaf, got "
                 f"{n} at {first}; reshape to (k, N/k, ...) or use split='strided'."
             )
-        return batch
+        return jax.tree.map(jnp.asarray, batch), 0
     check_divisible(n, k, first)
+    if split == "contiguous":
+        return jax.tree.map(lambda x: jnp.reshape(x, (k, n // k, *x.shape[1:])), batch), 0
+    return jax.tree.map(lambda x: jnp.reshape(x, (n // k, k, *x.shape[1:])), batch), 1
 
-    def cut(x: jax.Array) -> jax.Array:
-        x = jnp.asarray(x)
-        if split == "contiguous":
-            return x.reshape((k, n // k, *x.shape[1:]))
-        return jnp.swapaxes(x.reshape((n // k, k, *x.shape[1:])), 0, 1)
 
-    return jax.tree.map(cut, batch)
+def index(views: Any, j: Any, axis: int) -> Any:
+    """Micro-batch ``j`` of views made by :func:`microbatches`."""
+    return jax.tree.map(lambda v: jax.lax.dynamic_index_in_dim(v, j, axis, keepdims=False), views)
+
+
+def shapes(views: Any, axis: int) -> Any:
+    """Abstract shapes of one micro-batch of ``views``."""
+
+    def drop(v: Any) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(v.shape[:axis] + v.shape[axis + 1 :], v.dtype)
+
+    return jax.tree.map(drop, views)
 
 
 def pad_batch(batch: Any, multiple: int) -> tuple[Any, jax.Array]:

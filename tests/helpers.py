@@ -1,0 +1,87 @@
+"""Real data and a real tiny model shared by the tests."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from sklearn.datasets import load_digits
+
+# Tolerances for "equals the full batch up to float32 round-off".
+RTOL = 1e-5
+ATOL = 1e-6
+
+
+@functools.cache
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    x, y = load_digits(return_X_y=True)
+    return (x / 16.0).astype(np.float32), y.astype(np.int32)
+
+
+def digits_batch(n: int, offset: int = 0) -> dict[str, jax.Array]:
+    """``n`` consecutive examples of scikit-learn's digits: features in [0, 1], labels."""
+    x, y = _digits()
+    return {"x": jnp.asarray(x[offset : offset + n]), "y": jnp.asarray(y[offset : offset + n])}
+
+
+class MLP(nn.Module):
+    """A two-layer perceptron over the 64 pixel features."""
+
+    width: int = 32
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = nn.relu(nn.Dense(self.width, dtype=self.dtype, param_dtype=self.dtype)(x))
+        return nn.Dense(10, dtype=self.dtype, param_dtype=self.dtype)(x)
+
+
+def init_params(width: int = 32, dtype: Any = jnp.float32) -> Any:
+    return MLP(width, dtype).init(jax.random.key(0), jnp.zeros((1, 64), dtype))
+
+
+def mean_loss(params: Any, batch: dict[str, jax.Array]) -> jax.Array:
+    """Mean softmax cross-entropy of the MLP (dtype follows the params)."""
+    dtype = jax.tree.leaves(params)[0].dtype
+    logits = MLP(params["params"]["Dense_0"]["kernel"].shape[1], dtype).apply(
+        params, batch["x"].astype(dtype)
+    )
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+    nll = -jnp.take_along_axis(logp, batch["y"][:, None], axis=1)[:, 0]
+    return jnp.mean(nll).astype(dtype)
+
+
+def masked_mean_loss(params: Any, batch: dict[str, jax.Array]) -> jax.Array:
+    """Cross-entropy averaged over the examples whose ``mask`` is 1 (token-mean style).
+
+    With no valid example the mean is 0/0; the tests rely on accumulate ignoring it.
+    """
+    logits = MLP(params["params"]["Dense_0"]["kernel"].shape[1]).apply(params, batch["x"])
+    logp = jax.nn.log_softmax(logits)
+    nll = -jnp.take_along_axis(logp, batch["y"][:, None], axis=1)[:, 0]
+    return jnp.sum(nll * batch["mask"]) / jnp.sum(batch["mask"])
+
+
+def strided_micro(batch: Any, j: int, k: int) -> Any:
+    """Micro-batch ``j`` of ``k`` under the strided split, sliced by hand."""
+    return jax.tree.map(lambda x: x[j::k], batch)
+
+
+def assert_trees_close(actual: Any, expected: Any, rtol: float = RTOL, atol: float = ATOL) -> None:
+    jax.tree.map(
+        lambda a, e: np.testing.assert_allclose(
+            np.asarray(a, np.float64), np.asarray(e, np.float64), rtol=rtol, atol=atol
+        ),
+        actual,
+        expected,
+    )
+
+
+def trees_equal(a: Any, b: Any) -> bool:
+    """Bitwise equality of two pytrees of arrays."""
+    same = jax.tree.map(lambda x, y: bool(np.array_equal(np.asarray(x), np.asarray(y))), a, b)
+    return jax.tree.structure(a) == jax.tree.structure(b) and all(jax.tree.leaves(same))
