@@ -57,8 +57,11 @@ def _check_key(key: Any, label: str) -> None:
     )
 
 
-def _check_carry(before: Any, after: Any) -> None:
-    """Raises if the carried state coming out of step_fn differs in structure or type."""
+def _check_carry(before: dict[str, Any], after: dict[str, Any]) -> None:
+    """Raises if the carried state coming out of step_fn differs in structure or type.
+
+    Both maps go from a carried argument's label to its (abstract) value.
+    """
     # PyTreeDef comes from jaxlib without annotations that mypy can resolve.
     s_before: Any = jax.tree.structure(before)
     s_after: Any = jax.tree.structure(after)
@@ -70,9 +73,10 @@ def _check_carry(before: Any, after: Any) -> None:
         )
     changed = [
         f"{path}: {a.shape} {a.dtype} -> {b.shape} {b.dtype}"
+        for label in before
         for (path, a), (_, b) in zip(
-            _split.leaves_with_paths(before, "state"),
-            _split.leaves_with_paths(after, "state"),
+            _split.leaves_with_paths(before[label], label),
+            _split.leaves_with_paths(after[label], label),
             strict=True,
         )
         if a.shape != b.shape or a.dtype != b.dtype
@@ -261,7 +265,11 @@ def _run(
     out_shapes, state_shapes, w_shape = jax.eval_shape(
         run_one, _split.shapes(views, axis), state, 0
     )
-    _check_carry(jax.eval_shape(lambda s: s, state), state_shapes)
+    labels = [ref.label for ref in carry_refs]
+    _check_carry(
+        dict(zip(labels, jax.eval_shape(lambda s: s, state), strict=True)),
+        dict(zip(labels, state_shapes, strict=True)),
+    )
     if weight_fn is not None:
         _check_weight(w_shape)
     reductions = _reduce.resolve(reduce, out_shapes, weight_fn is not None)

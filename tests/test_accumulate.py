@@ -357,3 +357,12 @@ def test_named_scope_in_program(params, batch):
     grad_fn = jaxaccum.accumulate(jax.value_and_grad(mean_loss), 4)
     text = jax.jit(grad_fn).lower(params, batch).as_text(debug_info=True)
     assert "jaxaccum.accumulate" in text
+
+
+def test_negative_weights_count_as_zero(batch):
+    k = 4
+    weights = jnp.array([2.0, -5.0, 1.0, 0.0])  # one weight per strided micro-batch
+    b = batch | {"w": jnp.tile(weights, N // k)}
+    acc = jaxaccum.accumulate(lambda p, mb: jnp.mean(mb["x"]), k, weight_fn=lambda mb: mb["w"][0])
+    means = [float(jnp.mean(strided_micro(b, j, k)["x"])) for j in range(k)]
+    np.testing.assert_allclose(acc(None, b), (2 * means[0] + means[2]) / 3, rtol=1e-6)

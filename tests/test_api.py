@@ -1,0 +1,39 @@
+"""The public surface changes only on purpose."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import inspect
+import pathlib
+
+import jaxaccum
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_all_is_pinned():
+    assert jaxaccum.__all__ == [
+        "MemoryStats",
+        "Reduce",
+        "Split",
+        "accumulate",
+        "compiled_memory",
+        "pad_batch",
+    ]
+    for name in jaxaccum.__all__:
+        assert hasattr(jaxaccum, name)
+
+
+def test_version_matches_installed_metadata():
+    assert importlib.metadata.version("jaxaccum") == jaxaccum.__version__
+
+
+def test_package_is_typed():
+    assert (ROOT / "jaxaccum" / "py.typed").exists()
+
+
+def test_public_functions_document_args_returns_and_examples():
+    for name in ("accumulate", "compiled_memory", "pad_batch"):
+        doc = inspect.getdoc(getattr(jaxaccum, name)) or ""
+        for section in ("Args:", "Returns:", "Raises:" if name != "compiled_memory" else "", ">>>"):
+            assert section in doc, (name, section)
