@@ -1,0 +1,130 @@
+"""Batch-size arithmetic (per device x accumulation x devices) and learning-rate scaling."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, get_args
+
+import jax
+
+ScalingRule = Literal["linear", "sqrt", "none"]
+"""How the learning rate follows the effective batch size.
+
+* ``"linear"``: ``lr * new / base``. The usual rule for SGD with momentum (Goyal et al.,
+  2017, "Accurate, Large Minibatch SGD"), which pairs it with a warm-up and finds it breaks
+  down past some batch size.
+* ``"sqrt"``: ``lr * sqrt(new / base)``. The usual starting point for Adam-like optimizers,
+  whose update size does not grow with the gradient's scale (Malladi et al., 2022, "On the
+  SDEs and Scaling Rules for Adaptive Gradient Algorithms").
+* ``"none"``: unchanged.
+
+These are heuristics to start a search from, not guarantees.
+"""
+
+
+def _positive_int(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}.")
+    return value
+
+
+def effective_batch_size(per_device_batch: int, k: int, num_devices: int | None = None) -> int:
+    """Examples per optimizer update: ``per_device_batch * k * num_devices``.
+
+    Args:
+      per_device_batch: examples one device processes per micro-batch.
+      k: micro-batches accumulated per update.
+      num_devices: data-parallel devices; defaults to ``jax.device_count()``.
+
+    Returns:
+      The effective batch size.
+
+    Raises:
+      ValueError: if an argument is not a positive int.
+
+    Examples:
+      >>> import jaxaccum
+      >>> jaxaccum.effective_batch_size(per_device_batch=8, k=4, num_devices=8)
+      256
+    """
+    devices = jax.device_count() if num_devices is None else num_devices
+    return (
+        _positive_int(per_device_batch, "per_device_batch")
+        * _positive_int(k, "k")
+        * _positive_int(devices, "num_devices")
+    )
+
+
+def accumulation_steps(
+    target_batch: int, per_device_batch: int, num_devices: int | None = None
+) -> int:
+    """The k that turns ``per_device_batch`` on ``num_devices`` into ``target_batch``.
+
+    Args:
+      target_batch: the effective batch size wanted per optimizer update.
+      per_device_batch: the largest micro-batch one device can hold.
+      num_devices: data-parallel devices; defaults to ``jax.device_count()``.
+
+    Returns:
+      ``k = target_batch / (per_device_batch * num_devices)``.
+
+    Raises:
+      ValueError: if an argument is not a positive int, or the target is not a multiple of
+        ``per_device_batch * num_devices`` (the message lists the nearest targets that are).
+
+    Examples:
+      >>> import jaxaccum
+      >>> jaxaccum.accumulation_steps(target_batch=1024, per_device_batch=16, num_devices=8)
+      8
+    """
+    devices = jax.device_count() if num_devices is None else num_devices
+    per_step = _positive_int(per_device_batch, "per_device_batch") * _positive_int(
+        devices, "num_devices"
+    )
+    target = _positive_int(target_batch, "target_batch")
+    if target % per_step:
+        below, above = (target // per_step) * per_step, (target // per_step + 1) * per_step
+        options = f"target_batch={above}" + (f" or {below}" if below else "")
+        if target % devices == 0:
+            fits = [d for d in range(1, per_device_batch + 1) if (target // devices) % d == 0]
+            options += f", or per_device_batch in {fits}"
+        raise ValueError(
+            f"target_batch={target} is not a multiple of per_device_batch x num_devices = "
+            f"{per_device_batch} x {devices} = {per_step}; use {options}."
+        )
+    return target // per_step
+
+
+def scale_learning_rate(
+    learning_rate: float, base_batch: int, new_batch: int, rule: ScalingRule
+) -> float:
+    """Rescales a learning rate tuned at ``base_batch`` for ``new_batch`` examples per update.
+
+    Accumulation itself changes nothing: replacing a batch of N with k micro-batches of N/k
+    keeps the same gradient, so keep the learning rate. Rescale only when the effective
+    batch per update changes (see :data:`ScalingRule` for the rules and their caveats).
+
+    Args:
+      learning_rate: the rate tuned at ``base_batch``.
+      base_batch: effective batch size the rate was tuned for.
+      new_batch: the new effective batch size.
+      rule: ``"linear"``, ``"sqrt"`` or ``"none"``.
+
+    Returns:
+      The rescaled learning rate.
+
+    Raises:
+      ValueError: for an unknown rule or non-positive batch sizes.
+
+    Examples:
+      >>> import jaxaccum
+      >>> jaxaccum.scale_learning_rate(0.1, base_batch=256, new_batch=1024, rule="linear")
+      0.4
+      >>> jaxaccum.scale_learning_rate(1e-3, base_batch=256, new_batch=1024, rule="sqrt")
+      0.002
+    """
+    if rule not in get_args(ScalingRule):
+        raise ValueError(f"rule={rule!r} is not one of {get_args(ScalingRule)}.")
+    ratio = _positive_int(new_batch, "new_batch") / _positive_int(base_batch, "base_batch")
+    factor = {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[rule]
+    return learning_rate * factor

@@ -1,0 +1,74 @@
+"""Dynamic loss scaling for float16 training."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class DynamicLossScale(NamedTuple):
+    """Settings of dynamic loss scaling (float16 compute).
+
+    Each micro-batch's loss is multiplied by the current scale before differentiation, so
+    small float16 gradients do not flush to zero; the accumulated gradient is divided by
+    the scale once. A non-finite gradient (overflow) skips the update and multiplies the
+    scale by ``backoff_factor``; ``growth_interval`` finite steps in a row multiply it by
+    ``growth_factor``.
+
+    Attributes:
+      init_scale: the first scale.
+      growth_interval: finite steps in a row before the scale grows.
+      growth_factor: factor applied after ``growth_interval`` finite steps.
+      backoff_factor: factor applied after an overflow.
+      min_scale: the scale never falls below this.
+    """
+
+    init_scale: float = 2.0**15
+    growth_interval: int = 2000
+    growth_factor: float = 2.0
+    backoff_factor: float = 0.5
+    min_scale: float = 1.0
+
+
+class LossScaleState(NamedTuple):
+    """The evolving part of dynamic loss scaling.
+
+    Attributes:
+      scale: the current loss scale (float32 scalar).
+      good_steps: finite steps since the last change of scale (int32 scalar).
+    """
+
+    scale: jax.Array
+    good_steps: jax.Array
+
+
+def check_config(config: DynamicLossScale) -> None:
+    if not isinstance(config, DynamicLossScale):
+        raise TypeError(
+            f"loss_scale must be a jaxaccum.DynamicLossScale, got {type(config).__name__}; "
+            "e.g. loss_scale=jaxaccum.DynamicLossScale(init_scale=2.0**15)."
+        )
+    if not (config.init_scale >= config.min_scale > 0):
+        raise ValueError(f"loss scale needs init_scale >= min_scale > 0, got {config}.")
+    if config.growth_interval < 1 or config.growth_factor < 1 or not 0 < config.backoff_factor < 1:
+        raise ValueError(
+            "loss scale needs growth_interval >= 1, growth_factor >= 1 and 0 < "
+            f"backoff_factor < 1, got {config}."
+        )
+
+
+def init(config: DynamicLossScale) -> LossScaleState:
+    return LossScaleState(jnp.asarray(config.init_scale, jnp.float32), jnp.zeros((), jnp.int32))
+
+
+def adjust(config: DynamicLossScale, state: LossScaleState, finite: jax.Array) -> LossScaleState:
+    """The next scale after a step whose gradient was (not) finite."""
+    grown = state.good_steps + 1 >= config.growth_interval
+    up = jnp.where(grown, state.scale * config.growth_factor, state.scale)
+    down = jnp.maximum(state.scale * config.backoff_factor, config.min_scale)
+    return LossScaleState(
+        scale=jnp.where(finite, up, down).astype(jnp.float32),
+        good_steps=jnp.where(finite & ~grown, state.good_steps + 1, 0).astype(jnp.int32),
+    )

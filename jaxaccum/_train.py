@@ -1,0 +1,278 @@
+"""A jittable train step: k micro-batches and one Optax update in one call."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple, get_args
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxaccum import _loss_scale
+from jaxaccum._accumulate import _check_k, accumulate
+from jaxaccum._loss_scale import DynamicLossScale, LossScaleState
+from jaxaccum._reduce import Reduce
+from jaxaccum._split import Split
+
+NonFinite = Literal["skip", "drop"]
+"""What a non-finite micro-batch gradient does to a step.
+
+* ``"skip"`` (default): the whole update is skipped; params, optimizer state, step count
+  and key are left bitwise unchanged and ``TrainState.skipped`` increments.
+* ``"drop"``: only the bad micro-batches are left out, and the others are averaged by
+  their own total weight (the dropped weight leaves the denominator). If every
+  micro-batch is bad the update is skipped as above.
+"""
+
+
+class TrainState(NamedTuple):
+    """Everything a training run carries from one step to the next.
+
+    Attributes:
+      params: the model parameters.
+      opt_state: the Optax optimizer state.
+      step: optimizer updates applied so far (int32). Schedules inside the optimizer see
+        this count, never micro-step indices.
+      skipped: updates skipped because a gradient was not finite (int32).
+      key: base PRNG key, or None. Step ``t`` uses ``fold_in(key, t)`` and its micro-batch
+        ``j`` ``fold_in(fold_in(key, t), j)``, so a restart from a checkpoint replays the
+        same stream.
+      loss_scale: dynamic loss-scale state, or None when loss scaling is off.
+    """
+
+    params: Any
+    opt_state: Any
+    step: jax.Array
+    skipped: jax.Array
+    key: jax.Array | None = None
+    loss_scale: LossScaleState | None = None
+
+
+class TrainMetrics(NamedTuple):
+    """What one train step reports.
+
+    Attributes:
+      loss: the (weighted) mean loss of the step's counted micro-batches, float32.
+      losses: each micro-batch's own loss, shape ``(k,)``, float32 (unscaled).
+      grad_norm: global norm of the accumulated gradient (unscaled, before the optimizer,
+        so before any clipping in the chain), float32.
+      weight: total weight of the counted micro-batches: valid items with a ``weight_fn``,
+        examples otherwise.
+      applied: whether the optimizer update was applied (bool).
+      aux: ``loss_fn``'s auxiliary output reduced over micro-batches (floating leaves
+        weight-averaged like the loss, integer leaves summed, bool leaves counted), or None.
+    """
+
+    loss: jax.Array
+    losses: jax.Array
+    grad_norm: jax.Array
+    weight: jax.Array
+    applied: jax.Array
+    aux: Any = None
+
+
+class TrainStep(NamedTuple):
+    """A train step built by :func:`train_step`.
+
+    Attributes:
+      init: ``init(params, key=None) -> TrainState``.
+      update: ``update(state, batch) -> (TrainState, TrainMetrics)``; jit it, donating the
+        state: ``jax.jit(step.update, donate_argnums=0)``.
+    """
+
+    init: Callable[..., TrainState]
+    update: Callable[[TrainState, Any], tuple[TrainState, TrainMetrics]]
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def _weigh_aux(aux: Any, w: jax.Array) -> Any:
+    def weigh(x: jax.Array) -> jax.Array:
+        x = jnp.asarray(x)
+        if jnp.issubdtype(x.dtype, jnp.inexact):
+            return jnp.where(w > 0, x.astype(jnp.float32) * w, 0.0)
+        return x.astype(jnp.int32) if x.dtype == jnp.bool_ else x
+
+    return jax.tree.map(weigh, aux)
+
+
+def _unweigh_aux(aux: Any, total: jax.Array) -> Any:
+    """Divides the weighted (floating) aux sums by the total weight."""
+    safe = jnp.where(total > 0, total, 1.0)
+
+    def unweigh(x: jax.Array) -> jax.Array:
+        if jnp.issubdtype(x.dtype, jnp.inexact):
+            return jnp.where(total > 0, x / safe, 0.0)
+        return x
+
+    return jax.tree.map(unweigh, aux)
+
+
+def train_step(
+    loss_fn: Callable[..., Any],
+    optimizer: optax.GradientTransformation,
+    k: int,
+    *,
+    weight_fn: Callable[[Any], Any] | None = None,
+    has_aux: bool = False,
+    with_key: bool = False,
+    nonfinite: NonFinite = "skip",
+    loss_scale: DynamicLossScale | None = None,
+    split: Split = "strided",
+    unroll: int | bool = 1,
+) -> TrainStep:
+    """Builds a train step: k micro-batches, then one optimizer update, in one call.
+
+    The gradient is accumulated with :func:`jaxaccum.accumulate` (float32 sums, divided
+    once), so everything in the optimizer chain (``optax.clip_by_global_norm``,
+    schedules, weight decay) acts once per step on the accumulated gradient, exactly as
+    on a full batch of N examples.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch)`` (or ``loss_fn(params, batch, key)`` with
+        ``with_key``) returning a scalar loss that is a mean over the micro-batch's
+        examples (or over its valid items, with ``weight_fn``), or ``(loss, aux)`` with
+        ``has_aux``.
+      optimizer: any ``optax.GradientTransformation``.
+      k: micro-batches per update.
+      weight_fn: ``weight_fn(micro_batch)`` returning its number of valid items (e.g.
+        ``lambda mb: mb["mask"].sum()``); the gradient is then the exact item-weighted
+        mean. Default: every example counts once.
+      has_aux: ``loss_fn`` returns ``(loss, aux)``.
+      with_key: pass each micro-batch a distinct key derived from ``TrainState.key``.
+      nonfinite: ``"skip"`` or ``"drop"``; see :data:`NonFinite`.
+      loss_scale: a :class:`DynamicLossScale` for float16 compute, or None. With it, any
+        non-finite micro-batch counts as an overflow (the update is skipped and the scale
+        lowered), so it requires ``nonfinite="skip"``.
+      split: how the batch is split; see :data:`jaxaccum.Split`.
+      unroll: passed to the accumulation scan.
+
+    Returns:
+      A :class:`TrainStep` ``(init, update)``.
+
+    Raises:
+      ValueError: for a bad ``k``, ``nonfinite`` or loss-scale setting.
+      TypeError: for a non-Optax ``optimizer`` or a ``loss_scale`` of the wrong type.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax, jaxaccum
+      >>> def loss_fn(w, batch):
+      ...     return jnp.mean((batch["x"] @ w - batch["y"]) ** 2)
+      >>> step = jaxaccum.train_step(loss_fn, optax.sgd(0.1), k=4)
+      >>> state = step.init(jnp.zeros(3))
+      >>> batch = {"x": jnp.ones((16, 3)), "y": jnp.ones(16)}
+      >>> state, metrics = jax.jit(step.update, donate_argnums=0)(state, batch)
+      >>> int(state.step), metrics.losses.shape, bool(metrics.applied)
+      (1, (4,), True)
+    """
+    k = _check_k(k)
+    if not isinstance(optimizer, optax.GradientTransformation):
+        raise TypeError(
+            f"optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}."
+        )
+    if nonfinite not in get_args(NonFinite):
+        raise ValueError(f"nonfinite={nonfinite!r} is not one of {get_args(NonFinite)}.")
+    if loss_scale is not None:
+        _loss_scale.check_config(loss_scale)
+        if nonfinite != "skip":
+            raise ValueError(
+                "loss_scale needs nonfinite='skip': with loss scaling a non-finite micro-batch "
+                "is an overflow, so the step is skipped and the scale lowered."
+            )
+
+    def init(params: Any, key: jax.Array | None = None) -> TrainState:
+        if with_key and key is None:
+            raise TypeError("train_step(..., with_key=True) needs init(params, key=...).")
+        return TrainState(
+            params=params,
+            opt_state=optimizer.init(params),
+            step=jnp.zeros((), jnp.int32),
+            skipped=jnp.zeros((), jnp.int32),
+            key=key,
+            loss_scale=None if loss_scale is None else _loss_scale.init(loss_scale),
+        )
+
+    def micro(params: Any, mb: Any, scale: Any, *key: jax.Array) -> dict[str, Any]:
+        def scaled(p: Any) -> tuple[jax.Array, tuple[jax.Array, Any]]:
+            out = loss_fn(p, mb, *key)
+            loss, aux = out if has_aux else (out, None)
+            return loss * jnp.asarray(scale, loss.dtype), (loss, aux)
+
+        (_, (loss, aux)), grads = jax.value_and_grad(scaled, has_aux=True)(params)
+        size = jax.tree.leaves(mb)[0].shape[0]
+        w = jnp.asarray(size if weight_fn is None else weight_fn(mb), jnp.float32)
+        finite = _all_finite(grads) & jnp.isfinite(loss)
+        counted = jnp.where(finite | (nonfinite == "skip"), w, 0.0)
+        w_eff = jnp.where(counted > 0, counted, 0.0)
+        return {
+            "grads": jax.tree.map(
+                lambda g: jnp.where(w_eff > 0, g.astype(jnp.float32) * w_eff, 0.0), grads
+            ),
+            "loss_sum": jnp.where(w_eff > 0, loss.astype(jnp.float32) * w_eff, 0.0),
+            "weight": w_eff,
+            "losses": loss.astype(jnp.float32),
+            "ok": finite | (w <= 0),
+            "aux": _weigh_aux(aux, w_eff),
+        }
+
+    spec = {
+        "grads": Reduce.SUM,
+        "loss_sum": Reduce.SUM,
+        "weight": Reduce.SUM,
+        "losses": Reduce.STACK,
+        "ok": Reduce.MIN,
+        "aux": None,
+    }
+    accumulated = accumulate(
+        micro,
+        k,
+        batch_argnums=1,
+        rng_argnums=3 if with_key else (),
+        reduce=spec | {"aux": Reduce.SUM} if has_aux else spec,
+        split=split,
+        unroll=unroll,
+    )
+
+    def update(state: TrainState, batch: Any) -> tuple[TrainState, TrainMetrics]:
+        scale = jnp.float32(1.0) if state.loss_scale is None else state.loss_scale.scale
+        keys: tuple[jax.Array, ...] = ()
+        if with_key:
+            if state.key is None:
+                raise TypeError("train_step(..., with_key=True) needs a TrainState with a key.")
+            keys = (jax.random.fold_in(state.key, state.step),)
+        out = accumulated(state.params, batch, scale, *keys)
+        total = out["weight"]
+        denom = jnp.where(total > 0, total * scale, 1.0)
+        mean_grads = jax.tree.map(lambda g: g / denom, out["grads"])
+        grads = jax.tree.map(lambda g, p: g.astype(jnp.asarray(p).dtype), mean_grads, state.params)
+        finite = out["ok"] & _all_finite(grads)
+        apply = (total > 0) & (finite if nonfinite == "skip" else _all_finite(grads))
+
+        def do_update(state: TrainState) -> TrainState:
+            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            return state._replace(params=params, opt_state=opt_state, step=state.step + 1)
+
+        def skip_update(state: TrainState) -> TrainState:
+            return state._replace(skipped=state.skipped + 1)
+
+        new_state = jax.lax.cond(apply, do_update, skip_update, state)
+        if loss_scale is not None and state.loss_scale is not None:
+            new_scale = _loss_scale.adjust(loss_scale, state.loss_scale, finite)
+            new_state = new_state._replace(loss_scale=new_scale)
+        safe_total = jnp.where(total > 0, total, 1.0)
+        metrics = TrainMetrics(
+            loss=jnp.where(total > 0, out["loss_sum"] / safe_total, 0.0),
+            losses=out["losses"],
+            grad_norm=optax.tree.norm(mean_grads),
+            weight=total,
+            applied=apply,
+            aux=_unweigh_aux(out["aux"], total) if has_aux else None,
+        )
+        return new_state, metrics
+
+    return TrainStep(init=init, update=update)
