@@ -13,12 +13,23 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def test_all_is_pinned():
     assert jaxaccum.__all__ == [
+        "DynamicLossScale",
+        "LossScaleState",
         "MemoryStats",
+        "NonFinite",
         "Reduce",
+        "ScalingRule",
         "Split",
+        "TrainMetrics",
+        "TrainState",
+        "TrainStep",
         "accumulate",
+        "accumulation_steps",
         "compiled_memory",
+        "effective_batch_size",
         "pad_batch",
+        "scale_learning_rate",
+        "train_step",
     ]
     for name in jaxaccum.__all__:
         assert hasattr(jaxaccum, name)
@@ -33,7 +44,7 @@ def test_package_is_typed():
 
 
 def test_public_functions_document_args_returns_and_examples():
-    for name in ("accumulate", "compiled_memory", "pad_batch"):
+    for name in ("accumulate", "compiled_memory", "pad_batch", "train_step", "accumulation_steps"):
         doc = inspect.getdoc(getattr(jaxaccum, name)) or ""
         for section in ("Args:", "Returns:", "Raises:" if name != "compiled_memory" else "", ">>>"):
             assert section in doc, (name, section)

@@ -265,7 +265,7 @@ def test_microbatch_keys_derive_from_base_key_step_and_index():
 
 # Bad input.
 def test_bad_arguments_raise_clear_errors():
-    with pytest.raises(TypeError, match="optimizer must be an optax.GradientTransformation"):
+    with pytest.raises(TypeError, match=r"optimizer must be an optax\.GradientTransformation"):
         jaxaccum.train_step(mean_loss, "adam", 2)
     with pytest.raises(ValueError, match=r"nonfinite='ignore' is not one of \('skip', 'drop'\)"):
         jaxaccum.train_step(mean_loss, optax.sgd(0.1), 2, nonfinite="ignore")
