@@ -9,6 +9,9 @@ from jaxaccum._loss_scale import DynamicLossScale as DynamicLossScale
 from jaxaccum._loss_scale import LossScaleState as LossScaleState
 from jaxaccum._memory import MemoryStats as MemoryStats
 from jaxaccum._memory import compiled_memory as compiled_memory
+from jaxaccum._multisteps import MultiStepsState as MultiStepsState
+from jaxaccum._multisteps import flush as flush
+from jaxaccum._multisteps import multi_steps as multi_steps
 from jaxaccum._reduce import Reduce as Reduce
 from jaxaccum._split import Split as Split
 from jaxaccum._split import pad_batch as pad_batch
@@ -24,6 +27,7 @@ __all__ = [
     "DynamicLossScale",
     "LossScaleState",
     "MemoryStats",
+    "MultiStepsState",
     "NonFinite",
     "Reduce",
     "ScalingRule",
@@ -35,6 +39,8 @@ __all__ = [
     "accumulation_steps",
     "compiled_memory",
     "effective_batch_size",
+    "flush",
+    "multi_steps",
     "pad_batch",
     "scale_learning_rate",
     "train_step",

@@ -187,6 +187,42 @@ def accumulate(
       ...     jax.value_and_grad(token_loss), k=2, weight_fn=lambda mb: mb["mask"].sum())
       >>> bool(jnp.allclose(weighted(w, batch)[0], token_loss(w, batch)))
       True
+
+      Per-output reductions, and the split: ``STACK`` keeps each micro-batch's value.
+      Strided micro-batch j holds examples j, j+k, …; contiguous holds the j-th block.
+
+      >>> rows = lambda b: b["i"]
+      >>> ids = {"i": jnp.arange(6)}
+      >>> jaxaccum.accumulate(rows, k=3, batch_argnums=0, reduce="stack")(ids).tolist()
+      [[0, 3], [1, 4], [2, 5]]
+      >>> jaxaccum.accumulate(
+      ...     rows, k=3, batch_argnums=0, reduce=jaxaccum.Reduce.STACK, split="contiguous"
+      ... )(ids).tolist()
+      [[0, 1], [2, 3], [4, 5]]
+      >>> first = lambda b: (b["i"][0], b["i"].sum())  # a prefix spec: one entry per output
+      >>> jaxaccum.accumulate(first, k=3, batch_argnums=0, reduce=("last", None))(ids)
+      (Array(2, dtype=int32), Array(15, dtype=int32))
+
+      Keyword batch arguments, and carried state: ``step_fn`` returns ``(out, new_state)``
+      and micro-batch j+1 sees micro-batch j's state.
+
+      >>> def count(total, *, batch):
+      ...     n = batch["i"].shape[0]
+      ...     return jnp.float32(n), total + n
+      >>> counted = jaxaccum.accumulate(
+      ...     count, k=3, batch_argnames="batch", carry_argnums=0)
+      >>> counted(jnp.int32(0), batch=ids)
+      (Array(2., dtype=float32), Array(6, dtype=int32))
+
+      Keys: micro-batch j gets ``jax.random.fold_in(key, j)``.
+
+      >>> def noise(key, b):
+      ...     return jax.random.uniform(key)
+      >>> draws = jaxaccum.accumulate(noise, k=3, rng_argnums=0, reduce="stack")
+      >>> key = jax.random.key(0)
+      >>> expected = [jax.random.uniform(jax.random.fold_in(key, j)) for j in range(3)]
+      >>> bool(jnp.array_equal(draws(key, ids), jnp.stack(expected)))
+      True
     """
     k = _check_k(k)
     split = _split.check_split(split)

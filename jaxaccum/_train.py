@@ -168,6 +168,53 @@ def train_step(
       >>> state, metrics = jax.jit(step.update, donate_argnums=0)(state, batch)
       >>> int(state.step), metrics.losses.shape, bool(metrics.applied)
       (1, (4,), True)
+
+      ``weight_fn`` with a loss that averages over valid rows, and ``has_aux``: the step's
+      loss is the mean over the 12 valid rows, however they fall across micro-batches.
+
+      >>> def masked(w, mb):
+      ...     err = (mb["x"] @ w - mb["y"]) ** 2 * mb["mask"]
+      ...     n = mb["mask"].sum()
+      ...     return err.sum() / jnp.maximum(n, 1), {"rows": n.astype(jnp.int32)}
+      >>> batch["mask"] = (jnp.arange(16) < 12).astype(jnp.float32)
+      >>> step = jaxaccum.train_step(
+      ...     masked, optax.sgd(0.1), k=4, weight_fn=lambda mb: mb["mask"].sum(), has_aux=True)
+      >>> state, metrics = step.update(step.init(jnp.zeros(3)), batch)
+      >>> float(metrics.weight), int(metrics.aux["rows"]), float(metrics.loss)
+      (12.0, 12, 1.0)
+
+      ``nonfinite``: a NaN in one micro-batch skips the whole update by default, or with
+      ``"drop"`` leaves only that micro-batch out.
+
+      >>> bad = {"x": batch["x"].at[0].set(jnp.nan), "y": batch["y"]}
+      >>> for mode in ("skip", "drop"):
+      ...     step = jaxaccum.train_step(loss_fn, optax.sgd(0.1), k=4, nonfinite=mode)
+      ...     state, metrics = step.update(step.init(jnp.zeros(3)), bad)
+      ...     print(mode, bool(metrics.applied), int(state.skipped), float(metrics.weight))
+      skip False 1 16.0
+      drop True 0 12.0
+
+      ``with_key``: ``loss_fn`` also takes a key, distinct per micro-batch and per step.
+
+      >>> def noisy(w, mb, key):
+      ...     x = mb["x"] * jax.random.bernoulli(key, 0.9, mb["x"].shape)
+      ...     return jnp.mean((x @ w - mb["y"]) ** 2)
+      >>> step = jaxaccum.train_step(noisy, optax.sgd(0.1), k=4, with_key=True)
+      >>> state = step.init(jnp.zeros(3), key=jax.random.key(0))
+      >>> state, metrics = step.update(state, {"x": batch["x"], "y": batch["y"]})
+      >>> int(state.step)
+      1
+
+      ``loss_scale`` for float16: each micro-batch's loss is scaled, the sum unscaled once;
+      an overflow skips the update and halves the scale.
+
+      >>> scaling = jaxaccum.DynamicLossScale(init_scale=2.0**15)
+      >>> step = jaxaccum.train_step(loss_fn, optax.sgd(0.1), k=4, loss_scale=scaling)
+      >>> state = step.init(jnp.zeros(3, jnp.float16))
+      >>> half = {"x": bad["x"].astype(jnp.float16), "y": batch["y"]}
+      >>> state, metrics = step.update(state, half)
+      >>> bool(metrics.applied), float(state.loss_scale.scale)
+      (False, 16384.0)
     """
     k = _check_k(k)
     if not isinstance(optimizer, optax.GradientTransformation):

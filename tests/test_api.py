@@ -16,6 +16,7 @@ def test_all_is_pinned():
         "DynamicLossScale",
         "LossScaleState",
         "MemoryStats",
+        "MultiStepsState",
         "NonFinite",
         "Reduce",
         "ScalingRule",
@@ -27,6 +28,8 @@ def test_all_is_pinned():
         "accumulation_steps",
         "compiled_memory",
         "effective_batch_size",
+        "flush",
+        "multi_steps",
         "pad_batch",
         "scale_learning_rate",
         "train_step",
@@ -44,7 +47,15 @@ def test_package_is_typed():
 
 
 def test_public_functions_document_args_returns_and_examples():
-    for name in ("accumulate", "compiled_memory", "pad_batch", "train_step", "accumulation_steps"):
+    for name in (
+        "accumulate",
+        "compiled_memory",
+        "pad_batch",
+        "train_step",
+        "accumulation_steps",
+        "multi_steps",
+        "flush",
+    ):
         doc = inspect.getdoc(getattr(jaxaccum, name)) or ""
         for section in ("Args:", "Returns:", "Raises:" if name != "compiled_memory" else "", ">>>"):
             assert section in doc, (name, section)
