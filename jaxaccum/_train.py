@@ -112,6 +112,85 @@ def _unweigh_aux(aux: Any, total: jax.Array) -> Any:
     return jax.tree.map(unweigh, aux)
 
 
+def micro_weight(weight_fn: Callable[[Any], Any] | None, mb: Any) -> jax.Array:
+    """A micro-batch's weight: ``weight_fn(mb)``, or its number of examples."""
+    size = jax.tree.leaves(mb)[0].shape[0]
+    return jnp.asarray(size if weight_fn is None else weight_fn(mb), jnp.float32)
+
+
+def micro_outputs(
+    loss: jax.Array, aux: Any, grads: Any, w: jax.Array, nonfinite: NonFinite
+) -> tuple[dict[str, Any], jax.Array]:
+    """One micro-batch's contribution to a train step, reduced with :func:`micro_spec`.
+
+    Returns the outputs (gradient and loss pre-multiplied by the counted weight, in
+    float32) and whether the micro-batch is counted (under ``"drop"``, a non-finite one
+    is not).
+    """
+    finite = _all_finite(grads) & jnp.isfinite(loss)
+    counted = jnp.where(finite | (nonfinite == "skip"), w, 0.0)
+    w_eff = jnp.where(counted > 0, counted, 0.0)
+    outputs = {
+        "grads": jax.tree.map(
+            lambda g: jnp.where(w_eff > 0, g.astype(jnp.float32) * w_eff, 0.0), grads
+        ),
+        "loss_sum": jnp.where(w_eff > 0, loss.astype(jnp.float32) * w_eff, 0.0),
+        "weight": w_eff,
+        "losses": loss.astype(jnp.float32),
+        "ok": finite | (w <= 0),
+        "aux": _weigh_aux(aux, w_eff),
+    }
+    return outputs, finite | (nonfinite == "skip")
+
+
+def micro_spec(has_aux: bool) -> dict[str, Reduce | None]:
+    """How :func:`micro_outputs` are reduced over the micro-batches."""
+    return {
+        "grads": Reduce.SUM,
+        "loss_sum": Reduce.SUM,
+        "weight": Reduce.SUM,
+        "losses": Reduce.STACK,
+        "ok": Reduce.MIN,
+        "aux": Reduce.SUM if has_aux else None,
+    }
+
+
+class StepResult(NamedTuple):
+    """What :func:`finish_step` derives from the reduced micro-batch outputs.
+
+    Attributes:
+      grads: the mean gradient, unscaled, in the params' dtypes.
+      finite: every counted micro-batch and the mean gradient are finite.
+      metrics: the step's :class:`TrainMetrics`; ``applied`` says whether to update.
+    """
+
+    grads: Any
+    finite: jax.Array
+    metrics: TrainMetrics
+
+
+def finish_step(
+    out: dict[str, Any], scale: jax.Array, params: Any, nonfinite: NonFinite, has_aux: bool
+) -> StepResult:
+    """Divides the weighted sums once and decides whether the update applies."""
+    total = out["weight"]
+    denom = jnp.where(total > 0, total * scale, 1.0)
+    mean_grads = jax.tree.map(lambda g: g / denom, out["grads"])
+    grads = jax.tree.map(lambda g, p: g.astype(jnp.asarray(p).dtype), mean_grads, params)
+    finite = out["ok"] & _all_finite(grads)
+    apply = (total > 0) & (finite if nonfinite == "skip" else _all_finite(grads))
+    safe_total = jnp.where(total > 0, total, 1.0)
+    metrics = TrainMetrics(
+        loss=jnp.where(total > 0, out["loss_sum"] / safe_total, 0.0),
+        losses=out["losses"],
+        grad_norm=optax.tree.norm(mean_grads),
+        weight=total,
+        applied=apply,
+        aux=_unweigh_aux(out["aux"], total) if has_aux else None,
+    )
+    return StepResult(grads, finite, metrics)
+
+
 def train_step(
     loss_fn: Callable[..., Any],
     optimizer: optax.GradientTransformation,
@@ -250,36 +329,14 @@ def train_step(
             return loss * jnp.asarray(scale, loss.dtype), (loss, aux)
 
         (_, (loss, aux)), grads = jax.value_and_grad(scaled, has_aux=True)(params)
-        size = jax.tree.leaves(mb)[0].shape[0]
-        w = jnp.asarray(size if weight_fn is None else weight_fn(mb), jnp.float32)
-        finite = _all_finite(grads) & jnp.isfinite(loss)
-        counted = jnp.where(finite | (nonfinite == "skip"), w, 0.0)
-        w_eff = jnp.where(counted > 0, counted, 0.0)
-        return {
-            "grads": jax.tree.map(
-                lambda g: jnp.where(w_eff > 0, g.astype(jnp.float32) * w_eff, 0.0), grads
-            ),
-            "loss_sum": jnp.where(w_eff > 0, loss.astype(jnp.float32) * w_eff, 0.0),
-            "weight": w_eff,
-            "losses": loss.astype(jnp.float32),
-            "ok": finite | (w <= 0),
-            "aux": _weigh_aux(aux, w_eff),
-        }
+        return micro_outputs(loss, aux, grads, micro_weight(weight_fn, mb), nonfinite)[0]
 
-    spec = {
-        "grads": Reduce.SUM,
-        "loss_sum": Reduce.SUM,
-        "weight": Reduce.SUM,
-        "losses": Reduce.STACK,
-        "ok": Reduce.MIN,
-        "aux": None,
-    }
     accumulated = accumulate(
         micro,
         k,
         batch_argnums=1,
         rng_argnums=3 if with_key else (),
-        reduce=spec | {"aux": Reduce.SUM} if has_aux else spec,
+        reduce=micro_spec(has_aux),
         split=split,
         unroll=unroll,
     )
@@ -292,34 +349,20 @@ def train_step(
                 raise TypeError("train_step(..., with_key=True) needs a TrainState with a key.")
             keys = (jax.random.fold_in(state.key, state.step),)
         out = accumulated(state.params, batch, scale, *keys)
-        total = out["weight"]
-        denom = jnp.where(total > 0, total * scale, 1.0)
-        mean_grads = jax.tree.map(lambda g: g / denom, out["grads"])
-        grads = jax.tree.map(lambda g, p: g.astype(jnp.asarray(p).dtype), mean_grads, state.params)
-        finite = out["ok"] & _all_finite(grads)
-        apply = (total > 0) & (finite if nonfinite == "skip" else _all_finite(grads))
+        step = finish_step(out, scale, state.params, nonfinite, has_aux)
 
         def do_update(state: TrainState) -> TrainState:
-            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+            updates, opt_state = optimizer.update(step.grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
             return state._replace(params=params, opt_state=opt_state, step=state.step + 1)
 
         def skip_update(state: TrainState) -> TrainState:
             return state._replace(skipped=state.skipped + 1)
 
-        new_state = jax.lax.cond(apply, do_update, skip_update, state)
+        new_state = jax.lax.cond(step.metrics.applied, do_update, skip_update, state)
         if loss_scale is not None and state.loss_scale is not None:
-            new_scale = _loss_scale.adjust(loss_scale, state.loss_scale, finite)
+            new_scale = _loss_scale.adjust(loss_scale, state.loss_scale, step.finite)
             new_state = new_state._replace(loss_scale=new_scale)
-        safe_total = jnp.where(total > 0, total, 1.0)
-        metrics = TrainMetrics(
-            loss=jnp.where(total > 0, out["loss_sum"] / safe_total, 0.0),
-            losses=out["losses"],
-            grad_norm=optax.tree.norm(mean_grads),
-            weight=total,
-            applied=apply,
-            aux=_unweigh_aux(out["aux"], total) if has_aux else None,
-        )
-        return new_state, metrics
+        return new_state, step.metrics
 
     return TrainStep(init=init, update=update)
