@@ -1,0 +1,254 @@
+"""Flax linen: collections carried through the micro-batches, BatchNorm modes, dropout keys.
+
+References are written out here with plain Flax and Optax: a Python loop of ``apply`` calls
+with ``mutable=["batch_stats"]``, or one full-batch step. Tolerances: 1e-6 where the
+reference does the same float32 operations up to the summation order of the gradient, 1e-5
+for merged statistics and for normalisations without batch statistics. The optimizer is SGD:
+a bias right before a normalisation layer has a gradient of pure round-off (the layer removes
+its effect), which Adam would blow up to the full learning rate.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+from flax.training import train_state
+from helpers import assert_trees_close, digits_batch, trees_equal
+
+import jaxaccum.flax as jf
+
+K = 4
+N = 64
+
+
+class BNNet(nn.Module):
+    """Dense -> BatchNorm -> ReLU -> Dense, or BatchNorm first with ``bn_first``."""
+
+    bn_first: bool = False
+    norm: str = "batch"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        if self.bn_first:
+            x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+        x = nn.Dense(32)(x)
+        if self.norm == "batch":
+            x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+        elif self.norm == "group":
+            x = nn.GroupNorm(num_groups=4)(x)
+        else:
+            x = nn.LayerNorm()(x)
+        return nn.Dense(10)(nn.relu(x))
+
+
+def xent(logits: jax.Array, y: jax.Array) -> jax.Array:
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def loss_fn(apply: Any, mb: dict[str, jax.Array]) -> jax.Array:
+    return xent(apply(mb["x"], train=True), mb["y"])
+
+
+def make_state(model: nn.Module, tx: Any = None, key: Any = None) -> jf.TrainState:
+    variables = model.init(jax.random.key(0), jnp.zeros((2, 64)), train=False)
+    return jf.TrainState.from_variables(model.apply, variables, tx or optax.sgd(0.1), key=key)
+
+
+def strided(batch: dict[str, jax.Array], j: int) -> dict[str, jax.Array]:
+    return jax.tree.map(lambda x: x[j::K], batch)
+
+
+@pytest.fixture(scope="module")
+def batch() -> dict[str, jax.Array]:
+    return digits_batch(N)
+
+
+def test_sequential_equals_python_loop_of_mutable_applies(batch):
+    model = BNNet()
+    state = make_state(model)
+    step = jax.jit(jf.train_step(loss_fn, K))
+    got, metrics = step(state, batch)
+
+    # Reference: k apply(..., mutable=["batch_stats"]) calls in order, mean gradient, one step.
+    stats, grads = state.collections["batch_stats"], []
+    for j in range(K):
+
+        def micro_loss(params, stats=stats, j=j):
+            logits, new = model.apply(
+                {"params": params, "batch_stats": stats},
+                strided(batch, j)["x"],
+                train=True,
+                mutable=["batch_stats"],
+            )
+            return xent(logits, strided(batch, j)["y"]), new["batch_stats"]
+
+        (_, stats), g = jax.value_and_grad(micro_loss, has_aux=True)(state.params)
+        grads.append(g)
+    mean = jax.tree.map(lambda *g: sum(g) / K, *grads)
+    want = state.apply_gradients(grads=mean)
+
+    assert bool(metrics.applied) and int(got.step) == 1
+    assert_trees_close(got.params, want.params, rtol=1e-6, atol=1e-6)
+    assert_trees_close(got.collections["batch_stats"], stats, rtol=1e-6, atol=1e-6)
+
+
+def test_exact_running_statistics_equal_the_full_batch_step(batch):
+    model = BNNet(bn_first=True)
+    state = make_state(model)
+    got, _ = jax.jit(jf.train_step(loss_fn, K, batch_norm="exact"))(state, batch)
+
+    _, full = model.apply(
+        {"params": state.params, **state.collections}, batch["x"], train=True,
+        mutable=["batch_stats"],
+    )  # fmt: skip
+    first = "BatchNorm_0"  # sees the raw input: its statistics do not depend on the params
+    want = full["batch_stats"][first]
+    assert_trees_close(got.collections["batch_stats"][first], want, rtol=1e-5, atol=1e-5)
+
+    # Negative control: sequential mode takes k momentum updates from micro-batch stats.
+    seq, _ = jax.jit(jf.train_step(loss_fn, K))(state, batch)
+    gap = jax.tree.map(
+        lambda a, b: float(jnp.max(jnp.abs(a - b))), seq.collections["batch_stats"][first], want
+    )
+    assert max(jax.tree.leaves(gap)) > 1e-3, gap
+
+
+@pytest.mark.parametrize("norm", ["group", "layer"])
+def test_group_and_layer_norm_equal_the_full_batch_with_a_plain_train_state(batch, norm):
+    model = BNNet(norm=norm)
+    params = model.init(jax.random.key(0), jnp.zeros((2, 64)), train=False)["params"]
+    state = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=optax.sgd(0.1))
+    step = jax.jit(jf.train_step(loss_fn, K))
+    want = state
+    for _ in range(3):
+        state, _ = step(state, batch)
+        g = jax.grad(
+            lambda p: xent(model.apply({"params": p}, batch["x"], train=True), batch["y"])
+        )(want.params)
+        want = want.apply_gradients(grads=g)
+    assert_trees_close(state.params, want.params, rtol=1e-5, atol=1e-5)
+
+
+class Counter(nn.Module):
+    """Counts calls and records each call's input mean, in collection ``stats``."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
+        calls = self.variable("counters", "calls", lambda: jnp.zeros((), jnp.int32))
+        seen = self.variable("stats", "mean", lambda: jnp.zeros((), jnp.float32))
+        calls.value += 1
+        seen.value = x.mean()
+        return nn.Dense(1)(x)[:, 0]
+
+
+@pytest.mark.parametrize(
+    ("mode", "expect"),
+    [
+        ("mean", lambda ms: sum(ms) / K),
+        ("sum", lambda ms: sum(ms)),
+        ("max", lambda ms: max(ms)),
+        ("last", lambda ms: ms[-1]),
+    ],
+)
+def test_collection_modes(batch, mode, expect):
+    model = Counter()
+    state = make_state(model)
+    step = jf.train_step(
+        lambda apply, mb: jnp.mean(apply(mb["x"]) ** 2), K, collections={"stats": mode}
+    )
+    got, _ = jax.jit(step)(state, batch)
+    means = [float(strided(batch, j)["x"].mean()) for j in range(K)]
+    # Sequential: one call per micro-batch, after the one that init made.
+    assert int(got.collections["counters"]["calls"]) == 1 + K
+    assert float(got.collections["stats"]["mean"]) == pytest.approx(expect(means), rel=1e-6)
+
+
+class Dropper(nn.Module):
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        x = nn.Dropout(0.5, deterministic=not train)(x)
+        return nn.Dense(10)(x)
+
+
+def test_dropout_keys_differ_per_micro_batch_and_reproduce(batch):
+    same = jax.tree.map(lambda x: jnp.concatenate([x[:16]] * K), batch)  # identical micro-batches
+    state = make_state(Dropper(), key=jax.random.key(7))
+    step = jax.jit(jf.train_step(loss_fn, K, split="contiguous"))
+    a, ma = step(state, same)
+    b, mb = step(state, same)
+    assert len(set(ma.losses.tolist())) == K  # a different mask in every micro-batch
+    assert trees_equal(a.params, b.params) and bool(jnp.array_equal(ma.losses, mb.losses))
+    _, next_metrics = step(a, same)
+    assert not bool(jnp.array_equal(next_metrics.losses[0], ma.losses[0]))  # new step, new key
+
+
+def test_nonfinite_skips_the_update_and_keeps_the_collections(batch):
+    state = make_state(BNNet())
+    bad = {"x": batch["x"].at[5].set(jnp.nan), "y": batch["y"]}
+    got, metrics = jax.jit(jf.train_step(loss_fn, K))(state, bad)
+    assert not bool(metrics.applied) and int(got.skipped) == 1 and int(got.step) == 0
+    assert trees_equal(got.params, state.params)
+    assert trees_equal(got.collections, state.collections)
+
+
+def test_no_collections_given_shows_the_corrected_call(batch):
+    model = BNNet()
+    params = model.init(jax.random.key(0), jnp.zeros((2, 64)), train=False)["params"]
+    state = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=optax.sgd(0.1))
+    with pytest.raises(ValueError, match=r"mutable=\['batch_stats'\]") as info:
+        jf.train_step(loss_fn, K)(state, batch)
+    assert "TrainState.from_variables(model.apply, model.init(key, x), tx)" in str(info.value)
+
+
+class Appender(nn.Module):
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
+        self.sow("intermediates", "h", x.mean())
+        return nn.Dense(1)(x)[:, 0]
+
+
+def test_collection_changing_structure_is_explained(batch):
+    model = Appender()
+    variables = model.init(jax.random.key(0), jnp.zeros((2, 64)), mutable=True)
+    state = jf.TrainState.from_variables(model.apply, variables, optax.sgd(0.1))
+    with pytest.raises(ValueError, match=r"(?s)intermediates.*reduce_fn=lambda a, b: b"):
+        jf.train_step(lambda apply, mb: jnp.mean(apply(mb["x"])), K)(state, batch)
+
+
+class Cache(nn.Module):
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
+        cache = self.variable("cache", "rows", lambda: jnp.zeros(x.shape[0]))
+        cache.value = x.mean(axis=1)  # sized by the batch: wrong for micro-batches
+        return nn.Dense(1)(x)[:, 0]
+
+
+def test_collection_changing_shape_names_the_leaf_and_the_fix(batch):
+    state = make_state(Cache())  # initialised with 2 rows, micro-batches have 16
+    with pytest.raises(ValueError, match=r"cache\['Cache_0'\]|cache\['rows'\]") as info:
+        jf.train_step(lambda apply, mb: jnp.mean(apply(mb["x"])), K)(state, batch)
+    assert "(2,) float32 -> (16,) float32" in str(info.value)
+    assert "model.init(key, x[: N // k])" in str(info.value)
+
+
+def test_exact_mode_rejects_statistics_of_other_modules(batch):
+    state = make_state(Counter())
+    step = jf.train_step(
+        lambda apply, mb: jnp.mean(apply(mb["x"])), K, collections={"stats": "exact"}
+    )
+    with pytest.raises(ValueError, match=r"stats\['mean'\] is not the running mean"):
+        step(state, batch)
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="batch_norm='running'"):
+        jf.train_step(loss_fn, K, batch_norm="running")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"collections\['stats'\]='avg'"):
+        jf.train_step(loss_fn, K, collections={"stats": "avg"})  # type: ignore[dict-item]
+    with pytest.raises(ValueError, match="k"):
+        jf.train_step(loss_fn, 0)
