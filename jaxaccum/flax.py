@@ -334,6 +334,14 @@ def train_step(
                     flax.errors.ScopeCollectionNotFound,
                 ) as err:
                     raise _teaching(err, names) from err
+                except flax.errors.InvalidRngError as err:
+                    raise TypeError(
+                        f"the model asked for a PRNG stream the step did not give it ({err}). "
+                        f"The step passes rngs={list(rng_names)} from the state's key: build the "
+                        "state with a key, TrainState.from_variables(model.apply, variables, tx, "
+                        "key=jax.random.key(0)), and name every stream the model uses in "
+                        "train_step(..., rngs=('dropout', ...))."
+                    ) from err
                 if names and "new" not in box:
                     raise TypeError(
                         "loss_fn never called `apply`, so the collections "

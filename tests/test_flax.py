@@ -10,6 +10,8 @@ its effect), which Adam would blow up to the full learning rate.
 
 from __future__ import annotations
 
+import pathlib
+import runpy
 from typing import Any
 
 import flax.linen as nn
@@ -187,6 +189,18 @@ def test_dropout_keys_differ_per_micro_batch_and_reproduce(batch):
     assert not bool(jnp.array_equal(next_metrics.losses[0], ma.losses[0]))  # new step, new key
 
 
+def test_dropout_without_a_key_explains_the_fix(batch):
+    state = make_state(Dropper())  # no key
+    with pytest.raises(TypeError, match=r"key=jax.random.key\(0\)"):
+        jf.train_step(loss_fn, K)(state, batch)
+
+
+def test_mode_for_a_missing_collection(batch):
+    state = make_state(BNNet())
+    with pytest.raises(ValueError, match=r"names \['stats'\].*holds \['batch_stats'\]"):
+        jf.train_step(loss_fn, K, collections={"stats": "mean"})(state, batch)
+
+
 def test_nonfinite_skips_the_update_and_keeps_the_collections(batch):
     state = make_state(BNNet())
     bad = {"x": batch["x"].at[5].set(jnp.nan), "y": batch["y"]}
@@ -252,3 +266,12 @@ def test_bad_options():
         jf.train_step(loss_fn, K, collections={"stats": "avg"})  # type: ignore[dict-item]
     with pytest.raises(ValueError, match="k"):
         jf.train_step(loss_fn, 0)
+
+
+def test_deeper_cnn_deviation_script_runs_and_first_layer_is_exact():
+    script = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bn_deviation.py"
+    main = runpy.run_path(str(script), run_name="bn_deviation")["main"]
+    report = main(["--batch", "64", "--k", "4"])
+    assert report["exact"]["BatchNorm_0"][1] < 1e-5
+    assert all(report["sequential"][layer][1] > 1e-2 for layer in report["sequential"])
+    assert all(rel < 1e-2 for _, rel in report["exact"].values())
