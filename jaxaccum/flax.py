@@ -15,8 +15,9 @@ import jax.numpy as jnp
 from flax import struct
 from flax.training import train_state
 
-from jaxaccum import _split
+from jaxaccum import _bn, _split
 from jaxaccum._accumulate import _check_k, accumulate
+from jaxaccum._nnx import nnx_train_step as nnx_train_step
 from jaxaccum._reduce import Reduce
 from jaxaccum._split import Split
 from jaxaccum._train import (
@@ -32,6 +33,7 @@ __all__ = [
     "BatchNormMode",
     "CollectionMode",
     "TrainState",
+    "nnx_train_step",
     "train_step",
 ]
 
@@ -169,15 +171,11 @@ def _merge_exact(
                 "batch_norm='sequential' or give it another mode, e.g. "
                 f"collections={{{name!r}: 'sequential'}}."
             )
-        m = momenta[module]
-        a = 1.0 - m
         old_leaf, f, _ = keyed[keys]
         _, f_mean, s_mean = keyed[(*module, "mean")]
-        mu = f_mean / a
-        # E[x^2] of the whole batch is the mean over micro-batches of var_j + mean_j^2.
-        second_moment = f / a + s_mean / (a * a)
-        stat = mu if leaf_name == "mean" else jnp.maximum(0.0, second_moment - mu * mu)
-        merged.append((m * old_leaf + a * stat).astype(old_leaf.dtype))
+        merged.append(
+            _bn.merged_update(old_leaf, f, f_mean, s_mean, momenta[module], leaf_name == "mean")
+        )
     return jax.tree.unflatten(treedef, merged)
 
 
