@@ -23,7 +23,8 @@ def _commands() -> list[str]:
 
 def test_readme_leads_with_demo_and_test_commands():
     demo, tests = _commands()
-    assert demo.startswith("python3 -m venv .venv && ") and "examples/train_digits.py" in demo
+    assert demo.startswith("python3 -m venv .venv && ")
+    assert "examples/digits_cnn_batchnorm.py" in demo
     assert tests.startswith("python3 -m venv .venv && ") and "pytest" in tests
 
 
