@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import pathlib
-import sys
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from helpers import load_example
 
 
 def test_digits_cnn_batchnorm_runs_and_exact_mode_follows_the_full_batch(
     monkeypatch, tmp_path, capsys
 ):
-    name = "digits_cnn_batchnorm"
-    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, name, module)  # Flax looks the module up there
-    spec.loader.exec_module(module)
+    module = load_example("digits_cnn_batchnorm", monkeypatch)
     png = tmp_path / "cnn.png"
     rows = module.main(["--steps", "1", "--batch-size", "64", "--k", "4", "--out", str(png)])
 

@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import pathlib
-import sys
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from helpers import load_example
 
 
 def test_token_weighted_lm_tracks_the_full_batch_and_the_mean_of_means_does_not(
     monkeypatch, tmp_path, capsys
 ):
-    name = "token_weighted_lm"
-    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, name, module)  # Flax looks the module up there
-    spec.loader.exec_module(module)
+    module = load_example("token_weighted_lm", monkeypatch)
     png = tmp_path / "lm.png"
     args = ["--steps", "3", "--batch-size", "16", "--k", "4", "--length", "32"]
     full, weighted, naive = module.main([*args, "--eval-every", "1", "--out", str(png)])

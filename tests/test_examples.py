@@ -2,33 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import pathlib
-import sys
-from types import ModuleType
 
-import pytest
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _load_example(name: str, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
-    """Imports ``examples/<name>.py``, which is a script, not part of a package.
-
-    The module is registered in ``sys.modules`` while it runs (Flax's dataclass transform
-    looks its module up there) and removed again after the test.
-    """
-    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, name, module)
-    spec.loader.exec_module(module)
-    return module
+from helpers import load_example
 
 
 def test_train_digits_accumulated_runs_track_the_full_batch(monkeypatch, capsys):
-    main = _load_example("train_digits", monkeypatch).main
+    main = load_example("train_digits", monkeypatch).main
     rows = main(["--steps", "5", "--ks", "2,4", "--builder-ks", "4"])
 
     names = [r["name"] for r in rows]
