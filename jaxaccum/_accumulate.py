@@ -74,12 +74,7 @@ def _check_carry(before: dict[str, Any], after: dict[str, Any]) -> None:
     changed = [
         f"{path}: {a.shape} {a.dtype} -> {b.shape} {b.dtype}"
         for label in before
-        for (path, a), (_, b) in zip(
-            _split.leaves_with_paths(before[label], label),
-            _split.leaves_with_paths(after[label], label),
-            strict=True,
-        )
-        if a.shape != b.shape or a.dtype != b.dtype
+        for path, a, b in _split.changed_leaves(before[label], after[label], label)
     ]
     if changed:
         raise ValueError(

@@ -147,12 +147,7 @@ def _check_layout(name: str, actual: Any, expected: Any, source: str) -> None:
         )
     changed = [
         f"{path}: {np.shape(a)} vs {np.shape(e)}"
-        for (path, a), (_, e) in zip(
-            _split.leaves_with_paths(actual, f"state.{name}"),
-            _split.leaves_with_paths(expected, f"state.{name}"),
-            strict=True,
-        )
-        if np.shape(a) != np.shape(e)
+        for path, a, e in _split.changed_leaves(actual, expected, f"state.{name}", dtypes=False)
     ]
     if changed:
         raise ValueError(

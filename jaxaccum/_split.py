@@ -37,6 +37,27 @@ def leaves_with_paths(tree: Any, label: str) -> list[tuple[str, Any]]:
     return [(label + jax.tree_util.keystr(path), leaf) for path, leaf in flat]
 
 
+def leaf_dtype(x: Any) -> np.dtype:
+    """The dtype of an array, abstract value or Python scalar."""
+    return np.dtype(x.dtype) if hasattr(x, "dtype") else np.dtype(jnp.result_type(x))
+
+
+def changed_leaves(
+    before: Any, after: Any, label: str, *, dtypes: bool = True
+) -> list[tuple[str, Any, Any]]:
+    """``(path, before_leaf, after_leaf)`` for every leaf whose shape (or dtype) differs.
+
+    The two trees must have the same structure; paths read like ``label['x']``.
+    """
+    return [
+        (path, a, b)
+        for (path, a), (_, b) in zip(
+            leaves_with_paths(before, label), leaves_with_paths(after, label), strict=True
+        )
+        if np.shape(a) != np.shape(b) or (dtypes and leaf_dtype(a) != leaf_dtype(b))
+    ]
+
+
 def leading_size(batch: dict[str, Any], what: str = "the batch") -> int:
     """The shared leading-axis size of all leaves; raises a teaching error otherwise.
 

@@ -429,11 +429,8 @@ def _check_same_layout(name: str, new: Any, old: Any) -> None:
             "mutable=True) so the collection exists from the start."
         )
     bad = [
-        f"{path}: {jnp.shape(o)} {jnp.result_type(o)} -> {jnp.shape(n)} {jnp.result_type(n)}"
-        for (path, n), (_, o) in zip(
-            _split.leaves_with_paths(new, name), _split.leaves_with_paths(old, name), strict=True
-        )
-        if jnp.shape(n) != jnp.shape(o) or jnp.result_type(n) != jnp.result_type(o)
+        f"{path}: {jnp.shape(o)} {_split.leaf_dtype(o)} -> {jnp.shape(n)} {_split.leaf_dtype(n)}"
+        for path, o, n in _split.changed_leaves(old, new, name)
     ]
     if bad:
         raise ValueError(
