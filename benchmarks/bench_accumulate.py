@@ -34,11 +34,10 @@ import argparse
 import dataclasses
 import functools
 import gc
-import importlib.metadata
 import json
 import os
 import pathlib
-import platform
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -49,6 +48,10 @@ import numpy as np
 import optax
 
 import jaxaccum
+
+# benchmarks/ holds scripts, not a package: make its shared module importable.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from common import machine_info
 
 Params = list[tuple[jax.Array, jax.Array]]
 Batch = dict[str, jax.Array]
@@ -315,31 +318,6 @@ def time_round_robin(methods: Sequence[Method], reps: int, warmup: int) -> dict[
     finally:
         gc.enable()
     return times
-
-
-def cpu_model() -> str:
-    """The CPU model name from /proc/cpuinfo, or what ``platform`` knows."""
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def machine_info() -> dict[str, Any]:
-    """Platform, CPU, core count and library versions, for the record."""
-    return {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "jax": jax.__version__,
-        "jaxlib": importlib.metadata.version("jaxlib"),
-        "optax": optax.__version__,
-        "devices": [str(d) for d in jax.devices()],
-    }
 
 
 def run_k(full: Method, params: Params, batch: Batch, k: int, s: Settings) -> list[dict[str, Any]]:

@@ -30,21 +30,23 @@ import argparse
 import dataclasses
 import gc
 import json
-import os
 import pathlib
-import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import jaxlib
 import numpy as np
 import optax
 
 from jaxaccum import multi_steps
+
+# benchmarks/ holds scripts, not a package: make its shared module importable.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from common import machine_info
 
 Params = list[tuple[jax.Array, jax.Array]]
 Batch = dict[str, jax.Array]
@@ -237,31 +239,6 @@ def time_round_robin(rows: Sequence[Row], reps: int, warmup: int) -> dict[str, l
     finally:
         gc.enable()
     return times
-
-
-def cpu_model() -> str:
-    """The CPU model name from /proc/cpuinfo, or what ``platform`` knows."""
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def machine_info() -> dict[str, Any]:
-    """Platform, CPU, core count and library versions, for the record."""
-    return {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "jax": jax.__version__,
-        "jaxlib": jaxlib.__version__,
-        "optax": optax.__version__,
-        "devices": [str(d) for d in jax.devices()],
-    }
 
 
 def _fmt(x: float | None) -> str:
