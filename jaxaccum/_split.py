@@ -37,9 +37,9 @@ def leaves_with_paths(tree: Any, label: str) -> list[tuple[str, Any]]:
     return [(label + jax.tree_util.keystr(path), leaf) for path, leaf in flat]
 
 
-def leaf_dtype(x: Any) -> np.dtype:
-    """The dtype of an array, abstract value or Python scalar."""
-    return np.dtype(x.dtype) if hasattr(x, "dtype") else np.dtype(jnp.result_type(x))
+def leaf_dtype(x: Any) -> Any:
+    """The dtype of an array, abstract value or Python scalar (PRNG key dtypes included)."""
+    return x.dtype if hasattr(x, "dtype") else jnp.result_type(x)
 
 
 def changed_leaves(
