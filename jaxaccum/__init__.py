@@ -5,6 +5,9 @@ from jaxaccum._batching import ScalingRule as ScalingRule
 from jaxaccum._batching import accumulation_steps as accumulation_steps
 from jaxaccum._batching import effective_batch_size as effective_batch_size
 from jaxaccum._batching import scale_learning_rate as scale_learning_rate
+from jaxaccum._collectives import Collective as Collective
+from jaxaccum._collectives import CollectiveReport as CollectiveReport
+from jaxaccum._collectives import collectives as collectives
 from jaxaccum._loss_scale import DynamicLossScale as DynamicLossScale
 from jaxaccum._loss_scale import LossScaleState as LossScaleState
 from jaxaccum._memory import MemoryStats as MemoryStats
@@ -13,6 +16,7 @@ from jaxaccum._multisteps import MultiStepsState as MultiStepsState
 from jaxaccum._multisteps import flush as flush
 from jaxaccum._multisteps import multi_steps as multi_steps
 from jaxaccum._reduce import Reduce as Reduce
+from jaxaccum._sharding import DataAxis as DataAxis
 from jaxaccum._split import Split as Split
 from jaxaccum._split import pad_batch as pad_batch
 from jaxaccum._train import NonFinite as NonFinite
@@ -24,6 +28,9 @@ from jaxaccum._train import train_step as train_step
 __version__ = "0.1.0"
 
 __all__ = [
+    "Collective",
+    "CollectiveReport",
+    "DataAxis",
     "DynamicLossScale",
     "LossScaleState",
     "MemoryStats",
@@ -37,6 +44,7 @@ __all__ = [
     "TrainStep",
     "accumulate",
     "accumulation_steps",
+    "collectives",
     "compiled_memory",
     "effective_batch_size",
     "flush",

@@ -10,9 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxaccum import _args, _reduce, _split
+from jaxaccum import _args, _reduce, _sharding, _split
 from jaxaccum._args import ArgRef, BoundCall
 from jaxaccum._reduce import Reduce
+from jaxaccum._sharding import DataAxis, DataParallel
 from jaxaccum._split import Split
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -109,6 +110,8 @@ def accumulate(
     split: Split = "strided",
     accum_dtype: Any = jnp.float32,
     unroll: int | bool = 1,
+    data_axis: DataAxis | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> F:
     """Runs ``step_fn`` over k micro-batches of a batch and reduces the outputs.
 
@@ -146,6 +149,18 @@ def accumulate(
       accum_dtype: dtype of the running sums of floating leaves (promoted with the leaf's
         own dtype, so float64 stays float64); outputs are cast back once at the end.
       unroll: passed to ``jax.lax.scan``; 1 keeps program size independent of k.
+      data_axis: mesh axis name(s) over which the batch's leading axis is sharded. The
+        accumulation then runs under ``jax.shard_map``: each device scans its own k
+        micro-batches of N/(k·devices) examples with no communication, and every output
+        is combined over the devices once, after the loop (one all-reduce per step
+        instead of one per micro-batch). Floating outputs are averaged over devices like
+        micro-batches (weighted with ``weight_fn``), SUM and integer outputs summed,
+        MAX/MIN taken over devices; carried floating state is averaged over devices after
+        the loop; micro-batch j's key is also folded with the device index. Non-batch
+        arguments (params) are replicated into the loop; sharded (FSDP) params are
+        gathered once before it. Other mesh axes stay under the compiler's control.
+      mesh: the ``jax.sharding.Mesh`` for ``data_axis``; default: the mesh set with
+        ``jax.set_mesh``.
 
     Returns:
       A function with ``step_fn``'s signature returning the reduced outputs, or
@@ -247,21 +262,72 @@ def accumulate(
     if not roles["batch"]:
         raise ValueError("no batch argument: give batch_argnums= or batch_argnames=.")
     _args.check_disjoint(roles)
-    if k == 1 and Reduce.STACK not in spec:
+    dp = _sharding.data_parallel(data_axis, mesh)
+    if k == 1 and Reduce.STACK not in spec and dp is None:
         return step_fn
+    run = functools.partial(
+        _run,
+        step_fn,
+        roles=roles,
+        k=k,
+        weight_fn=weight_fn,
+        reduce=reduce,
+        split=split,
+        accum_dtype=accum,
+        unroll=unroll,
+    )
 
     @functools.wraps(step_fn)
     def accumulated(*args: Any, **kwargs: Any) -> Any:
         call = BoundCall(args, kwargs)
         with jax.named_scope(SCOPE):
-            return _run(step_fn, call, roles, k, weight_fn, reduce, split, accum, unroll)
+            if dp is None:
+                return run(call)
+            return _run_sharded(run, call, roles["batch"], k, split, dp)
 
     return accumulated  # type: ignore[return-value]
+
+
+def _run_sharded(
+    run: Callable[..., Any],
+    call: BoundCall,
+    batch_refs: tuple[ArgRef, ...],
+    k: int,
+    split: Split,
+    dp: DataParallel,
+) -> Any:
+    """``run`` under ``shard_map``: a local scan per device, outputs combined after it."""
+    mesh = dp.resolve_mesh()
+    shards = dp.size(mesh)
+    batch = {ref.label: call.get(ref, "batch") for ref in batch_refs}
+    if split == "presplit":
+        batch = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), batch)
+    n = _split.leading_size(batch)
+    first = next(p for label, t in batch.items() for p, _ in _split.leaves_with_paths(t, label))
+    _sharding.check_shards(n, 1 if split == "presplit" else k, shards, first)
+    replicated = jax.sharding.PartitionSpec()
+    arg_specs, kwarg_specs = BoundCall(
+        tuple(replicated for _ in call.args), {name: replicated for name in call.kwargs}
+    ).replaced({ref: _sharding.batch_spec(dp, split == "presplit") for ref in batch_refs})
+
+    def local(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return run(BoundCall(args, kwargs), dp=(dp.axes, shards))
+
+    sharded = jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(tuple(arg_specs), kwarg_specs),
+        out_specs=replicated,
+        axis_names=set(dp.axes),
+        check_vma=False,
+    )
+    return sharded(_sharding.as_array_tree(tuple(call.args)), _sharding.as_array_tree(call.kwargs))
 
 
 def _run(
     step_fn: Callable[..., Any],
     call: BoundCall,
+    *,
     roles: dict[str, tuple[ArgRef, ...]],
     k: int,
     weight_fn: Callable[..., Any] | None,
@@ -269,7 +335,9 @@ def _run(
     split: Split,
     accum_dtype: np.dtype,
     unroll: int | bool,
+    dp: tuple[tuple[str, ...], int] | None = None,
 ) -> Any:
+    """The micro-batch loop; with ``dp = (axes, devices)`` it runs per device in shard_map."""
     batch_refs, carry_refs, rng_refs = roles["batch"], roles["carry"], roles["rng"]
     batch = {ref.label: call.get(ref, "batch") for ref in batch_refs}
     state = tuple(call.get(ref, "carry") for ref in carry_refs)
@@ -277,6 +345,9 @@ def _run(
     for ref, key in zip(rng_refs, keys, strict=True):
         _check_key(key, ref.label)
     views, axis = _split.microbatches(batch, k, split)
+    if dp is not None and keys:
+        device = _sharding.device_index(dp[0])
+        keys = tuple(jax.random.fold_in(key, device) for key in keys)
 
     def run_one(mb: dict[str, Any], state: tuple[Any, ...], j: Any) -> tuple[Any, Any, Any]:
         values = dict(zip(batch_refs, mb.values(), strict=True))
@@ -318,13 +389,26 @@ def _run(
         accs = [_reduce.update(r, a, x, w) for r, a, x in zip(flat_r, accs, flat_out, strict=True)]
         stacked = [x if r is Reduce.STACK else None for r, x in zip(flat_r, flat_out, strict=True)]
         w_sum = w_sum if w is None else w_sum + jnp.where(w > 0, w, 0)
-        return (accs, new_state, w_sum), stacked
+        return (accs, new_state, w_sum), (stacked, w)
 
     init = (accs, state, jnp.zeros((), w_dtype))
-    (accs, state, w_sum), stacked = jax.lax.scan(body, init, jnp.arange(k), unroll=unroll)
+    if k == 1:  # no loop at all: a length-1 scan can cost more than the step itself
+        (accs, state, w_sum), (stacked, ws) = body(init, jnp.int32(0))
+        stacked, ws = jax.tree.map(lambda y: y[None], (stacked, ws))
+    else:
+        (accs, state, w_sum), (stacked, ws) = jax.lax.scan(body, init, jnp.arange(k), unroll=unroll)
+    accs = [ys if r is Reduce.STACK else a for r, a, ys in zip(flat_r, accs, stacked, strict=True)]
+    count = k
+    if dp is not None:
+        axes, devices = dp
+        accs = [_sharding.combine(r, a, ws, axes) for r, a in zip(flat_r, accs, strict=True)]
+        count = k * devices
+        if weight_fn is not None:
+            w_sum = jax.lax.psum(w_sum, axes)
+        state = _sharding.combine_state(state, axes)
     out_flat = [
-        ys if r is Reduce.STACK else _reduce.finish(r, a, s.dtype, k, w_sum)
-        for r, a, s, ys in zip(flat_r, accs, flat_shapes, stacked, strict=True)
+        a if r is Reduce.STACK else _reduce.finish(r, a, s.dtype, count, w_sum)
+        for r, a, s in zip(flat_r, accs, flat_shapes, strict=True)
     ]
     out = treedef.unflatten(out_flat)
     if not carry_refs:

@@ -16,6 +16,7 @@ from flax import nnx
 from jaxaccum import _bn
 from jaxaccum._accumulate import _check_k, _check_key, accumulate
 from jaxaccum._reduce import Reduce
+from jaxaccum._sharding import DataAxis
 from jaxaccum._split import Split
 from jaxaccum._train import (
     NonFinite,
@@ -165,6 +166,8 @@ def nnx_train_step(
     nonfinite: NonFinite = "skip",
     split: Split = "strided",
     unroll: int | bool = 1,
+    data_axis: DataAxis | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> Callable[..., TrainMetrics]:
     """Builds an NNX train step: k micro-batches, then one optimizer update, in one call.
 
@@ -198,6 +201,11 @@ def nnx_train_step(
         its value from before a dropped micro-batch; not with ``batch_norm="exact"``).
       split: how the batch is split; see :data:`jaxaccum.Split`.
       unroll: passed to the accumulation scan.
+      data_axis: mesh axis name(s) the batch is sharded over: each device accumulates
+        its own micro-batches and the gradient is all-reduced once per step, after the
+        loop (see :func:`jaxaccum.accumulate`). The update then runs on the combined
+        gradient under the params' own sharding.
+      mesh: the mesh for ``data_axis`` (default: the one set with ``jax.set_mesh``).
 
     Returns:
       ``update(model, optimizer, batch, key=None) -> TrainMetrics``. It updates ``model``
@@ -296,6 +304,8 @@ def nnx_train_step(
             reduce=micro_spec(has_aux) | {"stats": Reduce.MEAN},
             split=split,
             unroll=unroll,
+            data_axis=data_axis,
+            mesh=mesh,
         )
         out, final_rest = accumulated(params, batch, rest, *keys)
         result = finish_step(out, jnp.float32(1.0), params, nonfinite, has_aux)

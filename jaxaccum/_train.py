@@ -13,6 +13,7 @@ from jaxaccum import _loss_scale
 from jaxaccum._accumulate import _check_k, accumulate
 from jaxaccum._loss_scale import DynamicLossScale, LossScaleState
 from jaxaccum._reduce import Reduce
+from jaxaccum._sharding import DataAxis
 from jaxaccum._split import Split
 
 NonFinite = Literal["skip", "drop"]
@@ -203,6 +204,8 @@ def train_step(
     loss_scale: DynamicLossScale | None = None,
     split: Split = "strided",
     unroll: int | bool = 1,
+    data_axis: DataAxis | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> TrainStep:
     """Builds a train step: k micro-batches, then one optimizer update, in one call.
 
@@ -229,6 +232,11 @@ def train_step(
         lowered), so it requires ``nonfinite="skip"``.
       split: how the batch is split; see :data:`jaxaccum.Split`.
       unroll: passed to the accumulation scan.
+      data_axis: mesh axis name(s) the batch is sharded over: each device accumulates
+        its own micro-batches and the gradient is all-reduced once per step, after the
+        loop (see :func:`jaxaccum.accumulate`). The update then runs on the combined
+        gradient under the params' own sharding.
+      mesh: the mesh for ``data_axis`` (default: the one set with ``jax.set_mesh``).
 
     Returns:
       A :class:`TrainStep` ``(init, update)``.
@@ -339,6 +347,8 @@ def train_step(
         reduce=micro_spec(has_aux),
         split=split,
         unroll=unroll,
+        data_axis=data_axis,
+        mesh=mesh,
     )
 
     def update(state: TrainState, batch: Any) -> tuple[TrainState, TrainMetrics]:

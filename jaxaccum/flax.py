@@ -19,6 +19,7 @@ from jaxaccum import _bn, _split
 from jaxaccum._accumulate import _check_k, accumulate
 from jaxaccum._nnx import nnx_train_step as nnx_train_step
 from jaxaccum._reduce import Reduce
+from jaxaccum._sharding import DataAxis
 from jaxaccum._split import Split
 from jaxaccum._train import (
     NonFinite,
@@ -208,6 +209,8 @@ def train_step(
     nonfinite: NonFinite = "skip",
     split: Split = "strided",
     unroll: int | bool = 1,
+    data_axis: DataAxis | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> Callable[[Any, Any], tuple[Any, TrainMetrics]]:
     """Builds a Flax train step: k micro-batches, then one ``apply_gradients``, in one call.
 
@@ -232,6 +235,11 @@ def train_step(
         value from before a dropped micro-batch; not with other collection modes).
       split: how the batch is split; see :data:`jaxaccum.Split`.
       unroll: passed to the accumulation scan.
+      data_axis: mesh axis name(s) the batch is sharded over: each device accumulates
+        its own micro-batches and the gradient is all-reduced once per step, after the
+        loop (see :func:`jaxaccum.accumulate`). The update then runs on the combined
+        gradient under the params' own sharding.
+      mesh: the mesh for ``data_axis`` (default: the one set with ``jax.set_mesh``).
 
     Returns:
       ``update(state, batch) -> (state, TrainMetrics)``, to be jitted (donate the state).
@@ -383,6 +391,8 @@ def train_step(
             reduce=spec,
             split=split,
             unroll=unroll,
+            data_axis=data_axis,
+            mesh=mesh,
         )
         keys: tuple[jax.Array, ...] = ()
         if base_key is not None and rng_names:

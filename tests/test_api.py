@@ -13,6 +13,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def test_all_is_pinned():
     assert jaxaccum.__all__ == [
+        "Collective",
+        "CollectiveReport",
+        "DataAxis",
         "DynamicLossScale",
         "LossScaleState",
         "MemoryStats",
@@ -26,6 +29,7 @@ def test_all_is_pinned():
         "TrainStep",
         "accumulate",
         "accumulation_steps",
+        "collectives",
         "compiled_memory",
         "effective_batch_size",
         "flush",
@@ -49,6 +53,7 @@ def test_package_is_typed():
 def test_public_functions_document_args_returns_and_examples():
     for name in (
         "accumulate",
+        "collectives",
         "compiled_memory",
         "pad_batch",
         "train_step",
@@ -57,5 +62,10 @@ def test_public_functions_document_args_returns_and_examples():
         "flush",
     ):
         doc = inspect.getdoc(getattr(jaxaccum, name)) or ""
-        for section in ("Args:", "Returns:", "Raises:" if name != "compiled_memory" else "", ">>>"):
+        for section in (
+            "Args:",
+            "Returns:",
+            "Raises:" if name not in ("compiled_memory", "collectives") else "",
+            ">>>",
+        ):
             assert section in doc, (name, section)

@@ -1,0 +1,176 @@
+"""Data-parallel accumulation: a local scan per device, one collective per output after it."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec
+
+from jaxaccum._reduce import Reduce
+
+DataAxis = str | Sequence[str]
+"""A mesh axis name, or several, over which the batch's leading axis is sharded."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataParallel:
+    """Where the batch is sharded: mesh axis names and (optionally) the mesh itself."""
+
+    axes: tuple[str, ...]
+    mesh: Any  # jax.sharding.Mesh | AbstractMesh | None (then the context mesh)
+
+    @property
+    def spec(self) -> PartitionSpec:
+        """The partition of a batch leaf's leading axis."""
+        return PartitionSpec(self.axes[0] if len(self.axes) == 1 else self.axes)
+
+    def resolve_mesh(self) -> Any:
+        """The mesh given, else the one set with ``jax.set_mesh``; checked for the axes."""
+        mesh = self.mesh if self.mesh is not None else jax.sharding.get_abstract_mesh()
+        names = tuple(getattr(mesh, "axis_names", ()))
+        if not names:
+            raise ValueError(
+                f"data_axis={self.axes!r} needs a device mesh: pass mesh=jax.make_mesh(...) to "
+                "jaxaccum, or call the step inside `with jax.set_mesh(mesh):`."
+            )
+        missing = [a for a in self.axes if a not in names]
+        if missing:
+            raise ValueError(
+                f"data_axis names {missing} are not axes of the mesh {dict(mesh.shape)}; pass "
+                f"data_axis= one or more of {list(names)}."
+            )
+        return mesh
+
+    def size(self, mesh: Any) -> int:
+        """The number of batch shards (product of the data axes' sizes)."""
+        return math.prod(int(mesh.shape[a]) for a in self.axes)
+
+
+def data_parallel(data_axis: Any, mesh: Any) -> DataParallel | None:
+    """Validates the ``data_axis=`` / ``mesh=`` options (None: no data parallelism)."""
+    if data_axis is None:
+        if mesh is not None:
+            raise ValueError("mesh= is only used with data_axis=; pass data_axis='data' too.")
+        return None
+    if isinstance(data_axis, str):
+        axes: tuple[Any, ...] = (data_axis,)
+    elif isinstance(data_axis, Sequence):
+        axes = tuple(data_axis)
+    else:
+        axes = ()
+    if not axes or not all(isinstance(a, str) and a for a in axes):
+        raise TypeError(
+            f"data_axis must be a mesh axis name or a sequence of them, got {data_axis!r}."
+        )
+    if len(set(axes)) != len(axes):
+        raise ValueError(f"data_axis names repeat: {axes}.")
+    if mesh is not None and not hasattr(mesh, "axis_names"):
+        raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}.")
+    return DataParallel(axes, mesh)
+
+
+def device_index(axes: tuple[str, ...]) -> jax.Array:
+    """This device's linear index along the data axes (inside ``shard_map``)."""
+    index = jnp.zeros((), jnp.int32)
+    for a in axes:
+        index = index * jax.lax.axis_size(a) + jax.lax.axis_index(a)
+    return index
+
+
+def _weighted(x: jax.Array, w: jax.Array | None, axes: tuple[str, ...]) -> jax.Array:
+    """The mean over devices of ``x``, weighted by ``w`` (zero-weight devices left out)."""
+    if w is None:
+        return jax.lax.pmean(x.astype(jnp.float32), axes).astype(x.dtype)
+    w = jnp.where(w > 0, w, 0).astype(jnp.promote_types(x.dtype, jnp.float32))
+    w = w.reshape(w.shape + (1,) * (x.ndim - w.ndim))
+    num = jax.lax.psum(jnp.where(w > 0, x.astype(w.dtype) * w, 0), axes)
+    den = jax.lax.psum(w, axes)
+    safe = jnp.where(den > 0, den, 1)
+    return jnp.where(den > 0, num / safe, 0).astype(x.dtype)
+
+
+def _extreme(x: jax.Array, axes: tuple[str, ...], largest: bool) -> jax.Array:
+    op = jax.lax.pmax if largest else jax.lax.pmin
+    if jnp.issubdtype(x.dtype, jnp.bool_):
+        return op(x.astype(jnp.int32), axes).astype(jnp.bool_)
+    return op(x, axes)
+
+
+def combine(
+    reduce: Reduce,
+    acc: jax.Array,
+    weights: jax.Array | None,
+    axes: tuple[str, ...],
+) -> jax.Array:
+    """Combines one leaf's per-device result over the data axes, with one collective.
+
+    Args:
+      reduce: the leaf's reduction.
+      acc: the device's accumulator after its local loop (the stacked outputs for STACK,
+        the last output for LAST).
+      weights: with a ``weight_fn``, every micro-batch's weight on this device (shape
+        ``(k,)``), used to average LAST and STACK outputs over devices; else None.
+      axes: the data axes.
+
+    Returns:
+      The combined accumulator, to be finished as on one device with ``k`` replaced by k
+      times the number of devices and the weight sum by its sum over devices.
+    """
+    floating = jnp.issubdtype(acc.dtype, jnp.inexact)
+    if reduce in (Reduce.MEAN, Reduce.SUM, Reduce.WEIGHTED_MEAN):
+        return jax.lax.psum(acc, axes)
+    if reduce in (Reduce.MAX, Reduce.MIN):
+        return _extreme(acc, axes, reduce is Reduce.MAX)
+    # LAST and STACK: the j-th global micro-batch is the union of every device's j-th one,
+    # so floating values are averaged over devices (weighted), counts summed, flags or-ed.
+    if floating:
+        if weights is not None and reduce is Reduce.LAST:
+            weights = weights[-1]
+        return _weighted(acc, weights, axes)
+    if jnp.issubdtype(acc.dtype, jnp.bool_):
+        return _extreme(acc, axes, largest=True)
+    return jax.lax.psum(acc, axes)
+
+
+def combine_state(state: Any, axes: tuple[str, ...]) -> Any:
+    """Carried state after the loop: floating leaves averaged over devices, others kept.
+
+    Per-device statistics (BatchNorm running averages, say) become their mean over the
+    data axes, one all-reduce per leaf after the loop. Integer and key leaves (counters,
+    PRNG keys) evolve identically on every device and are returned as they are.
+    """
+
+    def one(x: Any) -> Any:
+        dtype = getattr(x, "dtype", None)
+        if dtype is not None and jnp.issubdtype(dtype, jnp.inexact):
+            return jax.lax.pmean(x, axes)
+        return x
+
+    return jax.tree.map(one, state)
+
+
+def batch_spec(dp: DataParallel, presplit: bool) -> PartitionSpec:
+    """The in-spec of a batch leaf: its example axis sharded over the data axes."""
+    return PartitionSpec(None, *dp.spec) if presplit else dp.spec
+
+
+def check_shards(n: int, k: int, shards: int, where: str) -> None:
+    """Raises unless N splits into ``shards`` devices times k micro-batches."""
+    if n % (k * shards):
+        per_device = [m for m in range(1, n // max(shards, 1) + 1) if n % (m * shards) == 0]
+        raise ValueError(
+            f"batch size {n} at leaf {where} must be divisible by k × devices = {k} × {shards} "
+            f"= {k * shards} (each device runs k micro-batches of its N/{shards} examples); "
+            f"choose k from {per_device} or pad the batch with jaxaccum.pad_batch."
+        )
+
+
+def as_array_tree(tree: Any) -> Any:
+    """Python numbers become arrays so that ``shard_map`` accepts them."""
+    return jax.tree.map(lambda x: x if hasattr(x, "dtype") else np.asarray(x), tree)
