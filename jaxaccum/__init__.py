@@ -15,6 +15,8 @@ from jaxaccum._memory import compiled_memory as compiled_memory
 from jaxaccum._multisteps import MultiStepsState as MultiStepsState
 from jaxaccum._multisteps import flush as flush
 from jaxaccum._multisteps import multi_steps as multi_steps
+from jaxaccum._planner import MicrobatchPlan as MicrobatchPlan
+from jaxaccum._planner import plan_microbatches as plan_microbatches
 from jaxaccum._reduce import Reduce as Reduce
 from jaxaccum._sharding import DataAxis as DataAxis
 from jaxaccum._split import Split as Split
@@ -34,6 +36,7 @@ __all__ = [
     "DynamicLossScale",
     "LossScaleState",
     "MemoryStats",
+    "MicrobatchPlan",
     "MultiStepsState",
     "NonFinite",
     "Reduce",
@@ -50,6 +53,7 @@ __all__ = [
     "flush",
     "multi_steps",
     "pad_batch",
+    "plan_microbatches",
     "scale_learning_rate",
     "train_step",
 ]

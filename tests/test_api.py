@@ -19,6 +19,7 @@ def test_all_is_pinned():
         "DynamicLossScale",
         "LossScaleState",
         "MemoryStats",
+        "MicrobatchPlan",
         "MultiStepsState",
         "NonFinite",
         "Reduce",
@@ -35,6 +36,7 @@ def test_all_is_pinned():
         "flush",
         "multi_steps",
         "pad_batch",
+        "plan_microbatches",
         "scale_learning_rate",
         "train_step",
     ]
@@ -60,6 +62,7 @@ def test_public_functions_document_args_returns_and_examples():
         "accumulation_steps",
         "multi_steps",
         "flush",
+        "plan_microbatches",
     ):
         doc = inspect.getdoc(getattr(jaxaccum, name)) or ""
         for section in (
