@@ -1,15 +1,23 @@
-"""What every benchmark script records about the machine it ran on."""
+"""What every benchmark script shares: the machine record, methods, checks and timing."""
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import importlib.metadata
 import os
 import pathlib
 import platform
-from typing import Any
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
+
+import jaxaccum
 
 
 def cpu_model() -> str:
@@ -34,4 +42,117 @@ def machine_info() -> dict[str, Any]:
         "jaxlib": importlib.metadata.version("jaxlib"),
         "optax": optax.__version__,
         "devices": [str(d) for d in jax.devices()],
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """One way to get the full-batch gradient, ready to run.
+
+    Attributes:
+      name: the label in the table.
+      step: runs one effective step (all k micro-batches) and returns its outputs,
+        possibly not yet computed.
+      result: runs one effective step and returns its gradient-step outputs, e.g.
+        ``(loss, grads)`` of the full batch.
+      memory: compiled memory of the jitted program (for methods that call a jitted
+        micro-step k times, that micro-step's program).
+      compile_s: seconds to trace and compile that program.
+      prepare: run before each timed step, untimed: makes fresh copies of the buffers
+        that ``step`` donates. None for methods that donate nothing.
+      one_call: whether one effective step is one call of the compiled program (False
+        for the methods that call a jitted micro-step k times).
+      flops: FLOPs of that program from XLA's cost analysis, if known.
+    """
+
+    name: str
+    step: Callable[[], Any]
+    result: Callable[[], Any]
+    memory: jaxaccum.MemoryStats
+    compile_s: float
+    prepare: Callable[[], None] | None = None
+    one_call: bool = True
+    flops: float | None = None
+
+
+class Compiled(NamedTuple):
+    """A jitted function compiled for given arguments.
+
+    Attributes:
+      fn: the jitted function; its compilation is cached, so calling it with arguments
+        like the ones it was compiled for does not compile again.
+      memory: the compiled program's ``MemoryStats``.
+      compile_s: seconds to trace, lower and compile it.
+      flops: FLOPs from XLA's cost analysis of the program (a loop body counts once),
+        or None where the backend gives none.
+    """
+
+    fn: Any
+    memory: jaxaccum.MemoryStats
+    compile_s: float
+    flops: float | None
+
+
+def compiled(
+    fn: Callable[..., Any], *args: Any, donate_argnums: int | tuple[int, ...] = ()
+) -> Compiled:
+    """Jits ``fn``, compiles it for ``args`` (timed) and reads its memory and FLOPs."""
+    jitted = jax.jit(fn, donate_argnums=donate_argnums)
+    start = time.perf_counter()
+    executable = jitted.lower(*args).compile()
+    compile_s = time.perf_counter() - start
+    cost = executable.cost_analysis()
+    flops = cost.get("flops") if isinstance(cost, dict) else None
+    memory = jaxaccum.compiled_memory(jitted, *args)  # the compilation above is cached
+    return Compiled(jitted, memory, compile_s, None if flops is None else float(flops))
+
+
+def max_abs_diff(a: Any, b: Any) -> float:
+    """The largest absolute elementwise difference between two pytrees of arrays."""
+    diffs = jax.tree.map(lambda x, y: float(jnp.max(jnp.abs(x - y))), a, b)
+    return max(jax.tree.leaves(diffs), default=0.0)
+
+
+def time_round_robin(methods: Sequence[Method], reps: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds per effective step of each method, interleaved over repetitions.
+
+    Repetition r runs the methods in the order rotated by r, so each method takes every
+    position in turn and none always runs first. Garbage collection is paused while timing.
+    """
+    for method in methods:
+        for _ in range(warmup):
+            if method.prepare is not None:
+                method.prepare()
+            jax.block_until_ready(method.step())
+    times: dict[str, list[float]] = {m.name: [] for m in methods}
+    gc.collect()
+    gc.disable()
+    try:
+        for r in range(reps):
+            shift = r % len(methods)
+            for method in [*methods[shift:], *methods[:shift]]:
+                if method.prepare is not None:
+                    method.prepare()
+                start = time.perf_counter()
+                jax.block_until_ready(method.step())
+                times[method.name].append(time.perf_counter() - start)
+    finally:
+        gc.enable()
+    return times
+
+
+def paired_ratios(times: Sequence[float], base: Sequence[float]) -> dict[str, Any]:
+    """Step time and its ratio to ``base``, paired repetition by repetition.
+
+    Returns:
+      ``median_ms``; ``ratio_to_full``, the median over repetitions of ``times[r] /
+      base[r]``; ``ratio_p25_p75``, the quartiles of those ratios; ``ratio_of_medians``.
+    """
+    t, b = np.asarray(times), np.asarray(base)
+    ratios = t / b
+    return {
+        "median_ms": 1e3 * float(np.median(t)),
+        "ratio_to_full": float(np.median(ratios)),
+        "ratio_p25_p75": [float(np.percentile(ratios, q)) for q in (25, 75)],
+        "ratio_of_medians": float(np.median(t) / np.median(b)),
     }

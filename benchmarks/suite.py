@@ -1,0 +1,322 @@
+"""Benchmark suite: jaxaccum against its peers on an MLP, a CNN with BatchNorm and a transformer.
+
+For each workload (see ``workloads.py``) and each k, six methods compute the gradient of the
+mean loss over the same N examples split into k micro-batches (see ``methods.py``): the full
+batch (no accumulation, the reference), ``jaxaccum.accumulate``, and four peers:
+``optax.microbatch``, ``optax.MultiSteps``, a python loop of jitted micro-steps and a
+hand-written ``lax.scan``. On the CNN the BatchNorm statistics are carried through the
+micro-batches in order (``optax.microbatch`` cannot carry them: it averages the k updates).
+
+Per (workload, k), every method is first checked against the reference (the full batch; on
+the CNN the python loop over the same micro-batches, because BatchNorm normalises each
+micro-batch by its own statistics), then compiled (timed apart), then timed round-robin
+interleaved over the repetitions, the order rotating each repetition. Reported: the median
+step time, the median ratio to the full-batch step of the same repetition, compiled
+temporaries, achieved FLOP/s (the full-batch step's FLOPs from XLA's cost analysis over the
+step time) and, on a GPU with a known peak, MFU. A summary compares jaxaccum with the
+fastest peer at each k, paired repetition by repetition.
+
+Run ``python benchmarks/suite.py --quick`` (a few minutes on 2 CPU cores) or ``--full``.
+Writes ``suite.json``, ``suite.md``, ``time_ratio.png``, ``temp_memory.png`` and
+``collectives.png`` to ``--out`` (default ``benchmarks/out/suite/``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import os
+import pathlib
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+# benchmarks/ holds scripts, not a package: make its shared modules importable.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import collectives
+import methods as m
+import report
+import workloads
+from common import Method, machine_info, max_abs_diff, paired_ratios, time_round_robin
+from workloads import MODELS, Scale, Workload
+
+COLLECTIVES_BATCH = 512
+DEFAULT_OUT = pathlib.Path(__file__).resolve().parent / "out" / "suite"
+TOLERANCE = 1e-4
+MODES: dict[str, dict[str, Any]] = {
+    "smoke": {"ks": (1, 2), "reps": 2, "warmup": 1},
+    "quick": {"ks": (1, 2, 4, 8), "reps": 10, "warmup": 1},
+    "full": {"ks": (1, 2, 4, 8, 16, 32), "reps": 30, "warmup": 2},
+}
+# Dense peak FLOP/s of one device (NVIDIA datasheets), matched as a substring of
+# ``device_kind``, most specific first. H200 has the H100 SXM's compute.
+PEAK_FLOPS: tuple[tuple[str, dict[str, float]], ...] = (
+    ("H100 PCIe", {"bf16": 756e12, "tf32": 378e12, "fp32": 51e12}),
+    ("H100 NVL", {"bf16": 835e12, "tf32": 418e12, "fp32": 60e12}),
+    ("H100", {"bf16": 989e12, "tf32": 494e12, "fp32": 67e12}),
+    ("H200", {"bf16": 989e12, "tf32": 494e12, "fp32": 67e12}),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What to measure.
+
+    Attributes:
+      mode: ``"smoke"`` (tiny, for the tests), ``"quick"`` or ``"full"``: model sizes.
+      models: the workloads to run, from ``workloads.MODELS``.
+      ks: the numbers of micro-batches.
+      reps: timed repetitions per method and k.
+      warmup: untimed calls per method after compilation.
+      batch_scale: every workload's N is multiplied by this (e.g. 8 on a large GPU).
+      tolerance: the largest absolute difference from the reference counted as correct.
+      collectives: whether to count collectives on 8 devices (see
+        :func:`collectives_section`).
+    """
+
+    mode: Scale
+    models: tuple[str, ...]
+    ks: tuple[int, ...]
+    reps: int
+    warmup: int
+    batch_scale: int = 1
+    tolerance: float = TOLERANCE
+    collectives: bool = True
+
+
+def peak_flops() -> tuple[float | None, str | None]:
+    """The first device's dense peak FLOP/s for this suite's float32 matmuls, if known.
+
+    On GPUs, float32 matmuls at JAX's default precision run as TF32 on tensor cores, so the
+    TF32 peak applies unless ``jax_default_matmul_precision`` asks for full float32.
+
+    Returns:
+      ``(peak, description)``, or ``(None, None)`` on CPUs and unknown devices.
+    """
+    device = jax.devices()[0]
+    if device.platform != "gpu":
+        return None, None
+    precision = str(jax.config.jax_default_matmul_precision).lower()
+    basis = "fp32" if precision in ("highest", "float32") else "tf32"
+    for pattern, peaks in PEAK_FLOPS:
+        if pattern in device.device_kind:
+            peak = peaks[basis]
+            return peak, f"{device.device_kind} {basis} dense peak {peak / 1e12:.0f} TFLOP/s"
+    return None, None
+
+
+def check(methods: Sequence[Method], w: Workload, k: int, tol: float) -> dict[str, dict[str, Any]]:
+    """Each method's loss, gradient and state against its reference, before any timing.
+
+    Without state the reference is the full batch. With state (BatchNorm) it is the python
+    loop over the same micro-batches; the full batch is then its own reference.
+    """
+    results = {method.name: method.result() for method in methods}
+    refs = {name: (m.FULL, results[m.FULL]) for name in results}
+    if w.state is not None:
+        contiguous = m.python_loop(w, k, contiguous=True).result()
+        for name in results:
+            if name in m.CONTIGUOUS:
+                refs[name] = (f"{m.LOOP} (contiguous)", contiguous)
+            elif name != m.FULL:
+                refs[name] = (m.LOOP, results[m.LOOP])
+    checks = {}
+    for name, ((loss, grads), state) in results.items():
+        ref_name, ((ref_loss, ref_grads), ref_state) = refs[name]
+        carried = None if w.state is None or name == m.FULL else name not in m.AVERAGED_STATE
+        c = {
+            "reference": ref_name,
+            "loss_abs_diff": abs(float(loss) - float(ref_loss)),
+            "grad_max_abs_diff": max_abs_diff(grads, ref_grads),
+            "state_max_abs_diff": None if w.state is None else max_abs_diff(state, ref_state),
+            "state_carried": carried,
+        }
+        state_ok = not carried or c["state_max_abs_diff"] <= tol
+        c["ok"] = c["loss_abs_diff"] <= tol and c["grad_max_abs_diff"] <= tol and state_ok
+        checks[name] = c
+    return checks
+
+
+def run_k(
+    w: Workload, full: Method, k: int, s: Settings, peak: float | None
+) -> list[dict[str, Any]]:
+    """Builds, checks and times every method on ``w`` at one k; one row per method.
+
+    Achieved FLOP/s is the full-batch step's FLOPs over the method's median step time (the
+    useful work of one effective step, whatever the method adds); MFU is that over ``peak``.
+    """
+    methods = m.build_all(w, k, full)
+    checks = check(methods, w, k, s.tolerance)
+    times = time_round_robin(methods, s.reps, s.warmup)
+    rows = []
+    for method in methods:
+        row: dict[str, Any] = {"model": w.name, "k": k, "method": method.name}
+        row |= paired_ratios(times[method.name], times[m.FULL])
+        achieved = None if full.flops is None else full.flops / (row["median_ms"] / 1e3)
+        row |= {
+            "compile_s": method.compile_s,
+            "temp_bytes": method.memory.temp_bytes,
+            "memory": method.memory._asdict(),
+            "one_call": method.one_call,
+            **checks[method.name],
+            "achieved_flops_per_s": achieved,
+            "mfu": None if achieved is None or peak is None else achieved / peak,
+            "times_ms": [1e3 * t for t in times[method.name]],
+        }
+        rows.append(row)
+    return rows
+
+
+def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (model, k): the fastest peer and jaxaccum's step time over it, paired per repetition.
+
+    The fastest peer has the lowest median ratio to the full batch. ``jaxaccum_vs_fastest_peer``
+    is the median over repetitions of jaxaccum's time over that peer's time in the same
+    repetition; at most 1 means jaxaccum was no slower. ``jaxaccum_clearly_behind``: even
+    the 25th percentile of that ratio is above 1 (slower in three repetitions out of four),
+    which separates a real gap from noise around 1.
+    """
+    out = []
+    for model, k in dict.fromkeys((r["model"], r["k"]) for r in rows):
+        here = {r["method"]: r for r in rows if r["model"] == model and r["k"] == k}
+        mine = here[m.JAXACCUM]
+        peer = min((here[name] for name in m.PEERS), key=lambda r: r["ratio_to_full"])
+        ratios = np.asarray(mine["times_ms"]) / np.asarray(peer["times_ms"])
+        vs = float(np.median(ratios))
+        quartiles = [float(np.percentile(ratios, q)) for q in (25, 75)]
+        out.append(
+            {
+                "model": model,
+                "k": k,
+                "jaxaccum_ratio_to_full": mine["ratio_to_full"],
+                "fastest_peer": peer["method"],
+                "fastest_peer_ratio_to_full": peer["ratio_to_full"],
+                "jaxaccum_vs_fastest_peer": vs,
+                "jaxaccum_vs_fastest_peer_p25_p75": quartiles,
+                "jaxaccum_le_fastest_peer": vs <= 1.0,
+                "jaxaccum_clearly_behind": quartiles[0] > 1.0,
+            }
+        )
+    return out
+
+
+def collectives_section(s: Settings) -> list[dict[str, Any]]:
+    """Collectives of each method's compiled program per k, inside and outside loops.
+
+    Runs ``benchmarks/collectives.py`` (in a child process started with
+    ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` unless this one already has 8
+    devices): the MLP's gradient over a batch of 512 sharded over a data axis of 8 devices,
+    counted with ``jaxaccum.collectives``. ``--no-collectives`` skips it.
+
+    Args:
+      s: the suite's settings (the ks to cover).
+
+    Returns:
+      One row per (method, k): ``{"method", "k", "in_loop": {op: count}, "outside_loop":
+      {op: count}, "per_step", "bytes_per_step", "non_reduce_bytes_per_step"}``, where
+      ``per_step`` counts what runs per step (an op in the loop runs k times).
+    """
+    ks = [k for k in s.ks if COLLECTIVES_BATCH % (8 * k) == 0]
+    return list(collectives.collect(ks, COLLECTIVES_BATCH)["rows"])
+
+
+def parse_args(argv: Sequence[str] | None) -> tuple[Settings, pathlib.Path]:
+    """Reads the command line into settings and the output folder."""
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="small models, k in {1, 2, 4, 8}")
+    mode.add_argument("--full", action="store_true", help="larger batches, k up to 32 (default)")
+    mode.add_argument("--smoke", action="store_true", help="tiny models, k in {1, 2}; seconds")
+    parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT, help="output folder")
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated workloads")
+    parser.add_argument("--ks", help="comma-separated numbers of micro-batches")
+    parser.add_argument("--reps", type=int, help="timed repetitions (quick 10, full 30)")
+    parser.add_argument("--warmup", type=int, help="untimed calls after compiling")
+    parser.add_argument("--batch-scale", type=int, default=1, help="multiply every N by this")
+    parser.add_argument(
+        "--no-collectives", action="store_true", help="skip the 8-device collectives count"
+    )
+    args = parser.parse_args(argv)
+    name: Scale = "quick" if args.quick else "smoke" if args.smoke else "full"
+    d = MODES[name]
+    models = tuple(x.strip() for x in args.models.split(",") if x.strip())
+    if not models or set(models) - set(MODELS):
+        parser.error(f"--models must name some of {', '.join(MODELS)}; got {args.models!r}")
+    try:
+        ks = tuple(int(x) for x in args.ks.split(",")) if args.ks else d["ks"]
+    except ValueError:
+        parser.error(f"--ks must be comma-separated integers, got {args.ks!r}")
+    s = Settings(
+        name,
+        models,
+        ks,
+        d["reps"] if args.reps is None else args.reps,
+        d["warmup"] if args.warmup is None else args.warmup,
+        args.batch_scale,
+        collectives=not args.no_collectives,
+    )
+    if s.reps < 1 or s.warmup < 0 or s.batch_scale < 1 or min(ks) < 1:
+        parser.error("--reps, --batch-scale and every k must be >= 1, --warmup >= 0")
+    for model in models:
+        n = workloads.SIZES[name][model]["batch"] * s.batch_scale
+        if bad := [k for k in ks if n % k]:
+            parser.error(f"{model}: N={n} is not divisible by k in {bad}; change --ks")
+    return s, args.out
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Runs the suite, prints the tables and writes JSON, Markdown and plots to ``--out``.
+
+    Args:
+      argv: command-line arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+      What was written to ``suite.json``.
+    """
+    started, load_before = time.perf_counter(), [round(x, 2) for x in os.getloadavg()]
+    s, out = parse_args(argv)
+    machine = machine_info()
+    print("\n".join(f"{key}: {value}" for key, value in machine.items()))
+    print(f"settings: {dataclasses.asdict(s)}\n", flush=True)
+    peak, basis = peak_flops()
+    rows: list[dict[str, Any]] = []
+    configs, flops = {}, {"peak_flops_per_s": peak, "peak_basis": basis, "model_flops": {}}
+    for name in s.models:
+        w = workloads.build(name, s.mode, s.batch_scale)
+        configs[name] = w.config
+        full = m.full_batch(w)
+        flops["model_flops"][name] = full.flops
+        for k in s.ks:
+            start = time.perf_counter()
+            rows += run_k(w, full, k, s, peak)
+            gc.collect()
+            print(f"{name} k={k}: {time.perf_counter() - start:.1f} s", flush=True)
+    load = [round(x, 2) for x in os.getloadavg()]
+    result = {
+        "machine": machine,
+        "settings": dataclasses.asdict(s) | {"workloads": configs},
+        "elapsed_s": time.perf_counter() - started,
+        "loadavg_before": load_before,
+        "loadavg_after": load,
+        "flops": flops,
+        "rows": rows,
+        "summary": summarize(rows),
+        "collectives": collectives_section(s) if s.collectives else [],
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "suite.json").write_text(json.dumps(result, indent=2) + "\n")
+    text = report.markdown(result)
+    (out / "suite.md").write_text(text)
+    report.write_plots(result, out)
+    print(f"\n{text}\nwrote {out}/suite.json, suite.md and 3 PNGs")
+    return result
+
+
+if __name__ == "__main__":
+    main()
