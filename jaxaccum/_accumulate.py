@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxaccum import _args, _reduce, _sharding, _split
+from jaxaccum import _args, _conv, _reduce, _sharding, _split
 from jaxaccum._args import ArgRef, BoundCall
 from jaxaccum._reduce import Reduce
 from jaxaccum._sharding import DataAxis, DataParallel
@@ -345,6 +345,8 @@ def _run(
     for ref, key in zip(rng_refs, keys, strict=True):
         _check_key(key, ref.label)
     views, axis = _split.microbatches(batch, k, split)
+    if k > 1:  # the step runs inside a loop body, where XLA:CPU needs canonical convolutions
+        step_fn = _conv.for_cpu_loop(step_fn)
     if dp is not None and keys:
         device = _sharding.device_index(dp[0])
         keys = tuple(jax.random.fold_in(key, device) for key in keys)
