@@ -345,8 +345,6 @@ def _run(
     for ref, key in zip(rng_refs, keys, strict=True):
         _check_key(key, ref.label)
     views, axis = _split.microbatches(batch, k, split)
-    if k > 1:  # the step runs inside a loop body, where XLA:CPU needs canonical convolutions
-        step_fn = _conv.for_cpu_loop(step_fn)
     if dp is not None and keys:
         device = _sharding.device_index(dp[0])
         keys = tuple(jax.random.fold_in(key, device) for key in keys)
@@ -366,9 +364,11 @@ def _run(
         w = None if weight_fn is None else weight_fn(*mb.values())
         return out, new_state, w
 
-    out_shapes, state_shapes, w_shape = jax.eval_shape(
-        run_one, _split.shapes(views, axis), state, 0
+    # One trace of the user's step; the loop body evaluates it again (see _conv.Traced).
+    traced = _conv.Traced(
+        run_one, _split.shapes(views, axis), state, jax.ShapeDtypeStruct((), jnp.int32)
     )
+    out_shapes, state_shapes, w_shape = traced.out_shape
     labels = [ref.label for ref in carry_refs]
     _check_carry(
         dict(zip(labels, jax.eval_shape(lambda s: s, state), strict=True)),
@@ -385,7 +385,10 @@ def _run(
 
     def body(carry: Any, j: Any) -> tuple[Any, Any]:
         accs, state, w_sum = carry
-        out, new_state, w = run_one(_split.index(views, j, axis), state, j)
+        # Inside a loop body XLA:CPU needs convolutions in canonical layout (see _conv).
+        out, new_state, w = traced(
+            _split.index(views, j, axis), state, j, canonical_convolutions=k > 1
+        )
         w = None if w is None else jnp.asarray(w).astype(w_dtype)
         flat_out = treedef.flatten_up_to(out)
         accs = [_reduce.update(r, a, x, w) for r, a, x in zip(flat_r, accs, flat_out, strict=True)]

@@ -10,8 +10,8 @@ convolution: its weight gradient contracts over the batch with batch and feature
 Measured on a CNN with BatchNorm (k = 4, 2 CPU cores) the rolled loop took 3.4 × the
 full-batch step, the same loop with the rewrite below 0.7 ×.
 
-:func:`for_cpu_loop` does the rewrite before XLA sees the loop: it traces the step to a
-jaxpr and evaluates it again with every such convolution replaced by transpose →
+:class:`Traced` does the rewrite before XLA sees the loop: the step, traced once to a
+jaxpr, is evaluated in the loop body with every such convolution replaced by transpose →
 convolution in canonical form → transpose. A transpose only moves values, so results are
 those of the same convolution kernels XLA:CPU uses outside loops. The replacement sits in
 ``jax.lax.platform_dependent``: GPU and TPU programs keep the original convolution, which
@@ -20,7 +20,6 @@ their compilers lay out themselves.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -169,36 +168,38 @@ def evaluate(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any]) -> list[Any
     return [read(v) for v in jaxpr.outvars]
 
 
-def for_cpu_loop(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn`` with its convolutions made canonical for XLA:CPU (see the module docstring).
+class Traced:
+    """A function traced once to a jaxpr, then evaluated wherever it is called.
 
-    Only ``jax.Array`` leaves of the arguments (tracers included) become inputs of the
-    traced jaxpr; every other leaf (Python numbers, strings, NumPy arrays) stays a
-    constant of the trace, as it would be in ``fn`` itself. Unless the default backend is
-    the CPU, ``fn`` is called as it is; on the CPU its jaxpr is evaluated, rewritten only
-    where it holds a convolution that is not canonical.
+    :func:`jaxaccum.accumulate` traces the step once, reads the output shapes from the
+    trace and evaluates the same jaxpr in the loop body, so the user's Python runs once
+    per compilation (``jax.eval_shape`` followed by tracing the loop body would run it
+    twice). Evaluating a jaxpr binds exactly the operations it recorded; the only change
+    is the optional convolution rewrite.
+
+    Attributes:
+      out_shape: the outputs as ``jax.ShapeDtypeStruct`` leaves in the function's pytree.
     """
 
-    @functools.wraps(fn)
-    def wrapped(*args: Any, **kwargs: Any) -> Any:
-        if jax.default_backend() != "cpu":
-            return fn(*args, **kwargs)
-        leaves, tree = jax.tree.flatten((args, kwargs))
-        where = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array)]
+    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Traces ``fn(*args)``; ``args`` are pytrees of arrays or ``ShapeDtypeStruct``."""
+        self._closed, self.out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
+        self._out_tree = jax.tree.structure(self.out_shape)
 
-        def flat(*arrays: Any) -> Any:
-            full = list(leaves)
-            for i, x in zip(where, arrays, strict=True):
-                full[i] = x
-            a, kw = jax.tree.unflatten(tree, full)
-            return fn(*a, **kw)
+    def __call__(self, *args: Any, canonical_convolutions: bool = False) -> Any:
+        """Evaluates the trace on ``args`` (same pytree structure and shapes as traced).
 
-        arrays = [leaves[i] for i in where]
-        closed, shape = jax.make_jaxpr(flat, return_shape=True)(*arrays)
-        if needs_rewrite(closed.jaxpr):
-            out = evaluate(closed.jaxpr, closed.consts, arrays)
+        With ``canonical_convolutions`` and the CPU as default backend, non-canonical
+        convolutions are rewritten (see the module docstring).
+        """
+        flat = jax.tree.leaves(args)
+        closed = self._closed
+        if (
+            canonical_convolutions
+            and jax.default_backend() == "cpu"
+            and needs_rewrite(closed.jaxpr)
+        ):
+            out = evaluate(closed.jaxpr, closed.consts, flat)
         else:
-            out = jcore.jaxpr_as_fun(closed)(*arrays)
-        return jax.tree.unflatten(jax.tree.structure(shape), out)
-
-    return wrapped
+            out = jcore.jaxpr_as_fun(closed)(*flat)
+        return jax.tree.unflatten(self._out_tree, out)
