@@ -18,6 +18,8 @@ sees the state micro-batch j returned, except in ``optax.microbatch`` (see there
   then a jitted divide by k.
 * ``hand-written scan``: the ``lax.scan`` a user would write over
   ``batch.reshape(k, N // k, ...)``, summing in the carry and dividing at the end.
+* ``jaxaccum.accumulate unroll=u`` (not a peer): the same accumulation with the scan
+  unrolled u times, to measure the unroll policy.
 
 Micro-batch j holds examples j, j+k, ... ("strided", as ``jaxaccum.accumulate`` and
 ``optax.microbatch`` split), except in the hand-written scan, whose reshape makes micro-batch
@@ -101,6 +103,24 @@ def jaxaccum_accumulate(w: Workload, k: int) -> Method:
     return one_call(
         JAXACCUM, jaxaccum.accumulate(w.grad_step(), k, batch_argnums=2, carry_argnums=1), w
     )
+
+
+def unrolled_name(unroll: int | bool) -> str:
+    """The table label of ``jaxaccum.accumulate(..., unroll=unroll)``."""
+    return f"{JAXACCUM} unroll={unroll}"
+
+
+def jaxaccum_unrolled(w: Workload, k: int, unroll: int | bool) -> Method:
+    """``jaxaccum.accumulate`` with ``unroll`` micro-batches per loop iteration.
+
+    Not a peer: it measures what unrolling the scan buys in time and costs in memory and
+    compile time, the measurement behind the default ``unroll=1``.
+    """
+    if w.state is None:
+        fn = jaxaccum.accumulate(jax.value_and_grad(w.loss), k, unroll=unroll)
+        return one_call(unrolled_name(unroll), fn, w, stateless=True)
+    fn = jaxaccum.accumulate(w.grad_step(), k, batch_argnums=2, carry_argnums=1, unroll=unroll)
+    return one_call(unrolled_name(unroll), fn, w)
 
 
 def optax_microbatch(w: Workload, k: int) -> Method:

@@ -64,6 +64,36 @@ def summary_table(summary: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def compile_table(rows: Sequence[dict[str, Any]]) -> str:
+    """jaxaccum's compile time per k, one line per model."""
+    ks = sorted({int(k) for r in rows for k in r["compile_s"]})
+    lines = [
+        "| model | " + " | ".join(f"k={k}" for k in ks) + " | largest k / k=2 |",
+        "| --- | " + " | ".join("---:" for _ in ks) + " | ---: |",
+    ]
+    for r in rows:
+        by_k = {int(k): v for k, v in r["compile_s"].items()}
+        cells = " | ".join(_fmt(by_k.get(k), ".2f") for k in ks)
+        lines.append(f"| {r['model']} | {cells} | {_fmt(r['largest_k_over_k2'], '.2f')} |")
+    return "\n".join(lines)
+
+
+def unroll_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Time, temporaries and compile time of the unrolled scans, one line per factor."""
+    lines = [
+        "| model | k | unroll | × full | (p25–p75) | temp MiB | temp / unroll=1 | compile s |",
+        "| --- | ---: | ---: | ---: | :---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        lo, hi = r["ratio_p25_p75"]
+        lines.append(
+            f"| {r['model']} | {r['k']} | {r['unroll']} | {r['ratio_to_full']:.2f} "
+            f"| {lo:.2f}–{hi:.2f} | {r['temp_bytes'] / MiB:.2f} "
+            f"| {r['temp_over_unroll_1']:.2f} | {r['compile_s']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The whole report: settings, one table per model, the summary."""
     machine, s = report["machine"], report["settings"]
@@ -86,6 +116,16 @@ def markdown(report: dict[str, Any]) -> str:
         config = s["workloads"][model]
         parts += ["", f"## {model}", "", f"`{config}`", "", model_table(rows)]
     parts += ["", "## jaxaccum against the fastest peer", "", summary_table(report["summary"])]
+    parts += ["", "## jaxaccum compile time (s) against k", "", compile_table(report["compile"])]
+    if report["unroll"]:
+        parts += [
+            "",
+            "## Unrolling the scan: time against memory",
+            "",
+            "`unroll=u` keeps u micro-batches' activations alive at once.",
+            "",
+            unroll_table(report["unroll"]),
+        ]
     if report["collectives"]:
         parts += [
             "",
@@ -106,12 +146,17 @@ def _by_model(
     path: pathlib.Path,
     scale: float = 1.0,
 ) -> None:
-    """One subplot per model: ``row[key] * scale`` against k, one line per method."""
+    """One subplot per model: ``row[key] * scale`` against k, one line per method.
+
+    Methods measured at a single k (the unrolled scans) are left out.
+    """
     fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
     for ax, model in zip(axes[0], models, strict=True):
         mine = [r for r in rows if r["model"] == model]
         for method in dict.fromkeys(r["method"] for r in mine):
             pts = sorted((r["k"], r[key] * scale) for r in mine if r["method"] == method)
+            if len(pts) < 2 <= len({r["k"] for r in mine}):
+                continue
             ax.plot(*zip(*pts, strict=True), marker="o", label=method)
         ax.set_xscale("log", base=2)
         ax.set(xlabel="k (micro-batches)", ylabel=ylabel, title=model)

@@ -50,9 +50,9 @@ COLLECTIVES_BATCH = 512
 DEFAULT_OUT = pathlib.Path(__file__).resolve().parent / "out" / "suite"
 TOLERANCE = 1e-4
 MODES: dict[str, dict[str, Any]] = {
-    "smoke": {"ks": (1, 2), "reps": 2, "warmup": 1},
-    "quick": {"ks": (1, 2, 4, 8), "reps": 10, "warmup": 1},
-    "full": {"ks": (1, 2, 4, 8, 16, 32), "reps": 30, "warmup": 2},
+    "smoke": {"ks": (1, 2), "reps": 2, "warmup": 1, "unroll_k": 2},
+    "quick": {"ks": (1, 2, 4, 8), "reps": 20, "warmup": 1, "unroll_k": 8},
+    "full": {"ks": (1, 2, 4, 8, 16, 32), "reps": 30, "warmup": 2, "unroll_k": 8},
 }
 # Dense peak FLOP/s of one device (NVIDIA datasheets), matched as a substring of
 # ``device_kind``, most specific first. H200 has the H100 SXM's compute.
@@ -78,6 +78,8 @@ class Settings:
       tolerance: the largest absolute difference from the reference counted as correct.
       collectives: whether to count collectives on 8 devices (see
         :func:`collectives_section`).
+      unroll_k: the k at which ``jaxaccum.accumulate`` is also timed with its scan
+        unrolled (``unroll`` = 2, 4, ... up to k), or None.
     """
 
     mode: Scale
@@ -88,6 +90,7 @@ class Settings:
     batch_scale: int = 1
     tolerance: float = TOLERANCE
     collectives: bool = True
+    unroll_k: int | None = None
 
 
 def peak_flops() -> tuple[float | None, str | None]:
@@ -152,6 +155,8 @@ def run_k(
     useful work of one effective step, whatever the method adds); MFU is that over ``peak``.
     """
     methods = m.build_all(w, k, full)
+    if k == s.unroll_k:
+        methods += [m.jaxaccum_unrolled(w, k, u) for u in unrolls(k)]
     checks = check(methods, w, k, s.tolerance)
     times = time_round_robin(methods, s.reps, s.warmup)
     rows = []
@@ -206,6 +211,67 @@ def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def unrolls(k: int) -> list[int | bool]:
+    """The unroll factors timed at ``k``: 2, 4, ... below k, then ``True`` (all k)."""
+    factors: list[int | bool] = [u for u in (2, 4, 8, 16) if u < k]
+    return [*factors, True] if k > 1 else []
+
+
+def compile_summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per model: jaxaccum's compile time at every k, and the largest k's over k = 2's.
+
+    k = 1 compiles the step function itself (no loop), so the comparison starts at 2.
+    """
+    out = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        by_k = {
+            r["k"]: r["compile_s"]
+            for r in rows
+            if r["model"] == model and r["method"] == m.JAXACCUM
+        }
+        ks = [k for k in sorted(by_k) if k >= 2]
+        ratio = by_k[ks[-1]] / by_k[2] if 2 in by_k and len(ks) > 1 else None
+        out.append(
+            {
+                "model": model,
+                "compile_s": by_k,
+                "largest_k": ks[-1] if ks else None,
+                "largest_k_over_k2": ratio,
+            }
+        )
+    return out
+
+
+def unroll_summary(rows: Sequence[dict[str, Any]], k: int | None) -> list[dict[str, Any]]:
+    """Per model at ``k``: time, temporaries and compile time of each unroll factor.
+
+    ``unroll`` 1 is the default ``jaxaccum.accumulate`` row; memory is relative to it.
+    """
+    if k is None:
+        return []
+    out = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        here = {r["method"]: r for r in rows if r["model"] == model and r["k"] == k}
+        if m.JAXACCUM not in here:
+            continue
+        base = here[m.JAXACCUM]
+        for u in [1, *unrolls(k)]:
+            r = here[m.JAXACCUM if u == 1 else m.unrolled_name(u)]
+            out.append(
+                {
+                    "model": model,
+                    "k": k,
+                    "unroll": u,
+                    "ratio_to_full": r["ratio_to_full"],
+                    "ratio_p25_p75": r["ratio_p25_p75"],
+                    "temp_bytes": r["temp_bytes"],
+                    "temp_over_unroll_1": r["temp_bytes"] / max(base["temp_bytes"], 1),
+                    "compile_s": r["compile_s"],
+                }
+            )
+    return out
+
+
 def collectives_section(s: Settings) -> list[dict[str, Any]]:
     """Collectives of each method's compiled program per k, inside and outside loops.
 
@@ -242,6 +308,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, pathlib.Path]:
     parser.add_argument(
         "--no-collectives", action="store_true", help="skip the 8-device collectives count"
     )
+    parser.add_argument(
+        "--unroll-k", type=int, help="k at which to time unrolled scans (0: none; quick/full 8)"
+    )
     args = parser.parse_args(argv)
     name: Scale = "quick" if args.quick else "smoke" if args.smoke else "full"
     d = MODES[name]
@@ -260,6 +329,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, pathlib.Path]:
         d["warmup"] if args.warmup is None else args.warmup,
         args.batch_scale,
         collectives=not args.no_collectives,
+        unroll_k=d["unroll_k"] if args.unroll_k is None else (args.unroll_k or None),
     )
     if s.reps < 1 or s.warmup < 0 or s.batch_scale < 1 or min(ks) < 1:
         parser.error("--reps, --batch-scale and every k must be >= 1, --warmup >= 0")
@@ -307,6 +377,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "flops": flops,
         "rows": rows,
         "summary": summarize(rows),
+        "compile": compile_summary(rows),
+        "unroll": unroll_summary(rows, s.unroll_k if s.unroll_k in s.ks else None),
         "collectives": collectives_section(s) if s.collectives else [],
     }
     out.mkdir(parents=True, exist_ok=True)

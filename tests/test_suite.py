@@ -73,6 +73,7 @@ def test_smoke_run_writes_every_row_and_file(smoke):
     assert settings["mode"] == "smoke" and settings["ks"] == [1, 2]
     assert set(settings["workloads"]) == set(MODELS)
     expected = set(itertools.product(MODELS, (1, 2), METHODS))
+    expected |= {(model, 2, "jaxaccum.accumulate unroll=True") for model in MODELS}
     assert {(r["model"], r["k"], r["method"]) for r in report["rows"]} == expected
     for r in report["rows"]:
         assert set(r) >= ROW_KEYS, r["method"]
@@ -89,6 +90,23 @@ def test_smoke_run_writes_every_row_and_file(smoke):
     text = (out / "suite.md").read_text()
     assert "## cnn" in text and "| k | method | step ms |" in text
     assert "| model | k | jaxaccum × full | fastest peer |" in text
+    assert "| model | k=1 | k=2 | largest k / k=2 |" in text
+    assert "| model | k | unroll | × full |" in text
+
+
+def test_compile_and_unroll_sections(smoke):
+    _, report = smoke
+    compile_rows = {r["model"]: r for r in report["compile"]}
+    assert set(compile_rows) == set(MODELS)
+    for r in compile_rows.values():
+        assert set(r["compile_s"]) == {"1", "2"} and r["largest_k"] == 2
+        assert r["largest_k_over_k2"] is None  # needs a k above 2
+    unroll = [(r["model"], r["unroll"]) for r in report["unroll"]]
+    assert unroll == [(model, u) for model in MODELS for u in (1, True)]
+    for r in report["unroll"]:
+        assert r["k"] == 2 and r["temp_bytes"] >= 0 and r["compile_s"] > 0
+        if r["unroll"] == 1:
+            assert r["temp_over_unroll_1"] == 1.0
 
 
 def test_every_method_matches_its_reference(smoke):
