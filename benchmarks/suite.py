@@ -255,13 +255,13 @@ def unroll_summary(rows: Sequence[dict[str, Any]], k: int | None) -> list[dict[s
         if m.JAXACCUM not in here:
             continue
         base = here[m.JAXACCUM]
-        for u in [1, *unrolls(k)]:
-            r = here[m.JAXACCUM if u == 1 else m.unrolled_name(u)]
+        for u in [None, *unrolls(k)]:  # None: the default row (unroll=1; note True == 1)
+            r = here[m.JAXACCUM if u is None else m.unrolled_name(u)]
             out.append(
                 {
                     "model": model,
                     "k": k,
-                    "unroll": u,
+                    "unroll": 1 if u is None else u,
                     "ratio_to_full": r["ratio_to_full"],
                     "ratio_p25_p75": r["ratio_p25_p75"],
                     "temp_bytes": r["temp_bytes"],

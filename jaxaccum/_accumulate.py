@@ -125,6 +125,12 @@ def accumulate(
     Accumulate the gradient function, do not differentiate the accumulated function:
     ``jax.grad(accumulate(loss, k))`` keeps every micro-batch's residuals alive.
 
+    ``step_fn`` is traced once per compilation and the loop body evaluates that trace.
+    When the default backend is the CPU, convolutions XLA:CPU would run slowly inside a
+    loop (those not in NHWC/HWIO layout, such as the weight gradient of an ordinary
+    convolution) are evaluated in that layout between transposes; GPU and TPU programs
+    are unchanged.
+
     Args:
       step_fn: the function to run per micro-batch, typically ``jax.value_and_grad(loss)``.
       k: the number of micro-batches (static). ``k == 1`` returns ``step_fn`` itself.
@@ -148,7 +154,10 @@ def accumulate(
       split: ``"strided"`` (default), ``"contiguous"`` or ``"presplit"``; see :data:`Split`.
       accum_dtype: dtype of the running sums of floating leaves (promoted with the leaf's
         own dtype, so float64 stays float64); outputs are cast back once at the end.
-      unroll: passed to ``jax.lax.scan``; 1 keeps program size independent of k.
+      unroll: micro-batches per loop iteration, passed to ``jax.lax.scan``. 1 (default)
+        keeps one micro-batch's activations alive and program size and compile time
+        independent of k; with u > 1 XLA keeps about u micro-batches' activations alive
+        at once, giving back the memory accumulation is for.
       data_axis: mesh axis name(s) over which the batch's leading axis is sharded. The
         accumulation then runs under ``jax.shard_map``: each device scans its own k
         micro-batches of N/(k·devices) examples with no communication, and every output

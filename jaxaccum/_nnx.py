@@ -200,7 +200,8 @@ def nnx_train_step(
         unchanged) or ``"drop"`` (only bad micro-batches are left out; carried state keeps
         its value from before a dropped micro-batch; not with ``batch_norm="exact"``).
       split: how the batch is split; see :data:`jaxaccum.Split`.
-      unroll: passed to the accumulation scan.
+      unroll: micro-batches per loop iteration (see :func:`jaxaccum.accumulate`; u > 1
+        keeps about u micro-batches' activations alive).
       data_axis: mesh axis name(s) the batch is sharded over: each device accumulates
         its own micro-batches and the gradient is all-reduced once per step, after the
         loop (see :func:`jaxaccum.accumulate`). The update then runs on the combined

@@ -231,7 +231,8 @@ def train_step(
         non-finite micro-batch counts as an overflow (the update is skipped and the scale
         lowered), so it requires ``nonfinite="skip"``.
       split: how the batch is split; see :data:`jaxaccum.Split`.
-      unroll: passed to the accumulation scan.
+      unroll: micro-batches per loop iteration (see :func:`jaxaccum.accumulate`; u > 1
+        keeps about u micro-batches' activations alive).
       data_axis: mesh axis name(s) the batch is sharded over: each device accumulates
         its own micro-batches and the gradient is all-reduced once per step, after the
         loop (see :func:`jaxaccum.accumulate`). The update then runs on the combined

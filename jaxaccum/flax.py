@@ -234,7 +234,8 @@ def train_step(
         ``"drop"`` (only bad micro-batches are left out; sequential collections keep the
         value from before a dropped micro-batch; not with other collection modes).
       split: how the batch is split; see :data:`jaxaccum.Split`.
-      unroll: passed to the accumulation scan.
+      unroll: micro-batches per loop iteration (see :func:`jaxaccum.accumulate`; u > 1
+        keeps about u micro-batches' activations alive).
       data_axis: mesh axis name(s) the batch is sharded over: each device accumulates
         its own micro-batches and the gradient is all-reduced once per step, after the
         loop (see :func:`jaxaccum.accumulate`). The update then runs on the combined
