@@ -392,8 +392,10 @@ def _run(
     accs = [_reduce.init(r, s, accum_dtype) for r, s in zip(flat_r, flat_shapes, strict=True)]
     w_dtype = jnp.promote_types(accum_dtype, jnp.float32)
 
-    def body(carry: Any, j: Any) -> tuple[Any, Any]:
-        accs, state, w_sum = carry
+    def body(carry: Any, _: None) -> tuple[Any, Any]:
+        # The micro-batch index j is carried (not scanned over an arange): the slices
+        # fused into the step's ops then read it directly, as a scan over xs would.
+        accs, state, w_sum, j = carry
         # Inside a loop body XLA:CPU needs convolutions in canonical layout (see _conv).
         out, new_state, w = traced(
             _split.index(views, j, axis), state, j, canonical_convolutions=k > 1
@@ -403,14 +405,16 @@ def _run(
         accs = [_reduce.update(r, a, x, w) for r, a, x in zip(flat_r, accs, flat_out, strict=True)]
         stacked = [x if r is Reduce.STACK else None for r, x in zip(flat_r, flat_out, strict=True)]
         w_sum = w_sum if w is None else w_sum + jnp.where(w > 0, w, 0)
-        return (accs, new_state, w_sum), (stacked, w)
+        return (accs, new_state, w_sum, j + 1), (stacked, w)
 
-    init = (accs, state, jnp.zeros((), w_dtype))
+    init = (accs, state, jnp.zeros((), w_dtype), jnp.int32(0))
     if k == 1:  # no loop at all: a length-1 scan can cost more than the step itself
-        (accs, state, w_sum), (stacked, ws) = body(init, jnp.int32(0))
+        (accs, state, w_sum, _), (stacked, ws) = body(init, None)
         stacked, ws = jax.tree.map(lambda y: y[None], (stacked, ws))
     else:
-        (accs, state, w_sum), (stacked, ws) = jax.lax.scan(body, init, jnp.arange(k), unroll=unroll)
+        (accs, state, w_sum, _), (stacked, ws) = jax.lax.scan(
+            body, init, None, length=k, unroll=unroll
+        )
     accs = [ys if r is Reduce.STACK else a for r, a, ys in zip(flat_r, accs, stacked, strict=True)]
     count = k
     if dp is not None:
