@@ -18,7 +18,7 @@ examples, split into k micro-batches:
 * ``jaxaccum.multi_steps``: as ``optax.MultiSteps`` but with ``jaxaccum.multi_steps``.
 
 For each k the methods are timed in one process, interleaved round-robin over the
-repetitions (the order rotates every repetition). Methods that donate their state get fresh
+repetitions (in a fresh random order every repetition). Methods that donate their state get fresh
 copies of it before the clock starts. Each method's time is divided by the
 full-batch time of the same repetition, a few steps away in time, and the median of those
 ratios is reported next to the median step time; paired ratios stay meaningful when the

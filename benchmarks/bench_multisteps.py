@@ -16,7 +16,7 @@ state after k - 1 calls; inputs are the same at every repetition, so each row al
 runs the same branch. Params and optimizer state are donated (``donate_argnums``), as
 in a training loop, so outputs can reuse their buffers; each timed call gets fresh
 copies, made before the clock starts (``--no-donate`` turns donation off). Rows are
-timed in one process, interleaved round-robin (the order rotates every repetition), and
+timed in one process, interleaved round-robin (in a fresh random order every repetition), and
 the median is reported with its ratio to the median of ``gradient only``. Persistent
 state bytes are the summed ``nbytes`` of the optimizer state's leaves. Compilation is
 never timed.
@@ -221,7 +221,11 @@ def check_rows(rows: Sequence[Row], params: Params) -> dict[str, float]:
 
 
 def time_round_robin(rows: Sequence[Row], reps: int, warmup: int) -> dict[str, list[float]]:
-    """Seconds per call of each row, interleaved; the order rotates every repetition."""
+    """Seconds per call of each row, interleaved in a fresh seeded random order per repetition.
+
+    A random order keeps any row from always following the same neighbour (see
+    ``common.time_round_robin``).
+    """
     for row in rows:
         for _ in range(warmup):
             jax.block_until_ready(row.run())
@@ -229,9 +233,10 @@ def time_round_robin(rows: Sequence[Row], reps: int, warmup: int) -> dict[str, l
     gc.collect()
     gc.disable()
     try:
-        for r in range(reps):
-            shift = r % len(rows)
-            for row in [*rows[shift:], *rows[:shift]]:
+        rng = np.random.default_rng(0)
+        for _ in range(reps):
+            for i in rng.permutation(len(rows)):
+                row = rows[i]
                 args = row.args()
                 start = time.perf_counter()
                 jax.block_until_ready(row.fn(*args))

@@ -10,7 +10,7 @@ micro-batches in order (``optax.microbatch`` cannot carry them: it averages the 
 Per (workload, k), every method is first checked against the reference (the full batch; on
 the CNN the python loop over the same micro-batches, because BatchNorm normalises each
 micro-batch by its own statistics), then compiled (timed apart), then timed round-robin
-interleaved over the repetitions, the order rotating each repetition. Reported: the median
+interleaved over the repetitions in a fresh random order each time. Reported: the median
 step time, the median ratio to the full-batch step of the same repetition, compiled
 temporaries, achieved FLOP/s (the full-batch step's FLOPs from XLA's cost analysis over the
 step time) and, on a GPU with a known peak, MFU. A summary compares jaxaccum with the
@@ -181,27 +181,37 @@ def run_k(
 def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per (model, k): the fastest peer and jaxaccum's step time over it, paired per repetition.
 
-    The fastest peer has the lowest median ratio to the full batch. ``jaxaccum_vs_fastest_peer``
-    is the median over repetitions of jaxaccum's time over that peer's time in the same
-    repetition; at most 1 means jaxaccum was no slower. ``jaxaccum_clearly_behind``: even
-    the 25th percentile of that ratio is above 1 (slower in three repetitions out of four),
-    which separates a real gap from noise around 1.
+    The fastest peer is the one with the lowest median ratio to the full batch over the
+    even-numbered repetitions; jaxaccum is compared with it on the odd-numbered ones.
+    Choosing the best of four noisy peers and judging on the same repetitions would favour
+    the peer (the minimum of four estimates of equal times lies below their common value),
+    so selection and comparison use separate halves (with a single repetition, both use it).
+
+    ``jaxaccum_vs_fastest_peer`` is the median over those repetitions of jaxaccum's time
+    over that peer's time in the same repetition; at most 1 means jaxaccum was no slower.
+    ``jaxaccum_clearly_behind``: even the 25th percentile of that ratio is above 1 (slower
+    in three repetitions out of four), which separates a real gap from noise around 1.
     """
     out = []
     for model, k in dict.fromkeys((r["model"], r["k"]) for r in rows):
         here = {r["method"]: r for r in rows if r["model"] == model and r["k"] == k}
-        mine = here[m.JAXACCUM]
-        peer = min((here[name] for name in m.PEERS), key=lambda r: r["ratio_to_full"])
-        ratios = np.asarray(mine["times_ms"]) / np.asarray(peer["times_ms"])
+        times = {
+            name: np.asarray(here[name]["times_ms"]) for name in (m.FULL, m.JAXACCUM, *m.PEERS)
+        }
+        reps = len(times[m.FULL])
+        select, judge = (slice(0, None, 2), slice(1, None, 2)) if reps > 1 else (slice(None),) * 2
+        full = times[m.FULL][select]
+        peer = min(m.PEERS, key=lambda name: float(np.median(times[name][select] / full)))
+        ratios = times[m.JAXACCUM][judge] / times[peer][judge]
         vs = float(np.median(ratios))
         quartiles = [float(np.percentile(ratios, q)) for q in (25, 75)]
         out.append(
             {
                 "model": model,
                 "k": k,
-                "jaxaccum_ratio_to_full": mine["ratio_to_full"],
-                "fastest_peer": peer["method"],
-                "fastest_peer_ratio_to_full": peer["ratio_to_full"],
+                "jaxaccum_ratio_to_full": here[m.JAXACCUM]["ratio_to_full"],
+                "fastest_peer": peer,
+                "fastest_peer_ratio_to_full": here[peer]["ratio_to_full"],
                 "jaxaccum_vs_fastest_peer": vs,
                 "jaxaccum_vs_fastest_peer_p25_p75": quartiles,
                 "jaxaccum_le_fastest_peer": vs <= 1.0,
@@ -376,11 +386,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "loadavg_after": load,
         "flops": flops,
         "rows": rows,
-        "summary": summarize(rows),
-        "compile": compile_summary(rows),
-        "unroll": unroll_summary(rows, s.unroll_k if s.unroll_k in s.ks else None),
         "collectives": collectives_section(s) if s.collectives else [],
     }
+    return write(derive(result), out)
+
+
+def derive(result: dict[str, Any]) -> dict[str, Any]:
+    """``result`` with its summary, compile and unroll sections computed from its rows."""
+    rows, s = result["rows"], result["settings"]
+    unroll_k = s["unroll_k"] if s.get("unroll_k") in s["ks"] else None
+    return result | {
+        "summary": summarize(rows),
+        "compile": compile_summary(rows),
+        "unroll": unroll_summary(rows, unroll_k),
+    }
+
+
+def write(result: dict[str, Any], out: pathlib.Path) -> dict[str, Any]:
+    """Writes ``suite.json``, ``suite.md`` and the plots to ``out``; returns ``result``."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "suite.json").write_text(json.dumps(result, indent=2) + "\n")
     text = report.markdown(result)
@@ -390,5 +413,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return result
 
 
+def rereport(folder: pathlib.Path) -> dict[str, Any]:
+    """Recomputes the derived sections of ``folder/suite.json`` and rewrites its outputs.
+
+    For a run made before a change to how the summary is computed: nothing is timed again.
+    """
+    return write(derive(json.loads((folder / "suite.json").read_text())), folder)
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--rereport"]:
+        for folder in sys.argv[2:]:
+            rereport(pathlib.Path(folder))
+    else:
+        main()
