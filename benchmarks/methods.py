@@ -36,6 +36,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 # Sibling modules: the scripts in benchmarks/ put this folder on sys.path.
@@ -95,14 +96,25 @@ def full_batch(w: Workload) -> Method:
     return one_call(FULL, w.grad_step(), w)
 
 
-def jaxaccum_accumulate(w: Workload, k: int) -> Method:
-    """``jaxaccum.accumulate`` of the gradient step, carrying the state if there is one."""
+def accumulated(w: Workload, k: int, unroll: int | bool = 1) -> Callable[..., Any]:
+    """``jaxaccum.accumulate`` of the gradient step, carrying the state if there is one.
+
+    Takes ``(params, batch)`` without state and ``(params, state, batch)`` with it.
+    """
     if w.state is None:
-        fn = jaxaccum.accumulate(jax.value_and_grad(w.loss), k)
-        return one_call(JAXACCUM, fn, w, stateless=True)
-    return one_call(
-        JAXACCUM, jaxaccum.accumulate(w.grad_step(), k, batch_argnums=2, carry_argnums=1), w
-    )
+        return jaxaccum.accumulate(jax.value_and_grad(w.loss), k, unroll=unroll)
+    return jaxaccum.accumulate(w.grad_step(), k, batch_argnums=2, carry_argnums=1, unroll=unroll)
+
+
+def jaxaccum_accumulate(w: Workload, k: int) -> Method:
+    """The jaxaccum method: one jitted call of :func:`accumulated`."""
+    return one_call(JAXACCUM, accumulated(w, k), w, stateless=w.state is None)
+
+
+def compile_seconds(w: Workload, k: int, repeats: int = 3) -> float:
+    """Median seconds to trace and compile :func:`accumulated` afresh, over ``repeats``."""
+    args = (w.params, w.batch) if w.state is None else (w.params, w.state, w.batch)
+    return float(np.median([compiled(accumulated(w, k), *args).compile_s for _ in range(repeats)]))
 
 
 def unrolled_name(unroll: int | bool) -> str:
@@ -116,11 +128,7 @@ def jaxaccum_unrolled(w: Workload, k: int, unroll: int | bool) -> Method:
     Not a peer: it measures what unrolling the scan buys in time and costs in memory and
     compile time, the measurement behind the default ``unroll=1``.
     """
-    if w.state is None:
-        fn = jaxaccum.accumulate(jax.value_and_grad(w.loss), k, unroll=unroll)
-        return one_call(unrolled_name(unroll), fn, w, stateless=True)
-    fn = jaxaccum.accumulate(w.grad_step(), k, batch_argnums=2, carry_argnums=1, unroll=unroll)
-    return one_call(unrolled_name(unroll), fn, w)
+    return one_call(unrolled_name(unroll), accumulated(w, k, unroll), w, stateless=w.state is None)
 
 
 def optax_microbatch(w: Workload, k: int) -> Method:
