@@ -46,7 +46,7 @@ from jaxaccum import multi_steps
 
 # benchmarks/ holds scripts, not a package: make its shared module importable.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from common import machine_info
+from common import machine_info, random_orders
 
 Params = list[tuple[jax.Array, jax.Array]]
 Batch = dict[str, jax.Array]
@@ -224,7 +224,7 @@ def time_round_robin(rows: Sequence[Row], reps: int, warmup: int) -> dict[str, l
     """Seconds per call of each row, interleaved in a fresh seeded random order per repetition.
 
     A random order keeps any row from always following the same neighbour (see
-    ``common.time_round_robin``).
+    ``common.random_orders``).
     """
     for row in rows:
         for _ in range(warmup):
@@ -233,9 +233,8 @@ def time_round_robin(rows: Sequence[Row], reps: int, warmup: int) -> dict[str, l
     gc.collect()
     gc.disable()
     try:
-        rng = np.random.default_rng(0)
-        for _ in range(reps):
-            for i in rng.permutation(len(rows)):
+        for order in random_orders(len(rows), reps):
+            for i in order:
                 row = rows[i]
                 args = row.args()
                 start = time.perf_counter()

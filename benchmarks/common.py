@@ -9,7 +9,7 @@ import os
 import pathlib
 import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -113,17 +113,27 @@ def max_abs_diff(a: Any, b: Any) -> float:
     return max(jax.tree.leaves(diffs), default=0.0)
 
 
+def random_orders(n: int, reps: int, seed: int = 0) -> Iterator[list[int]]:
+    """``reps`` seeded random permutations of ``range(n)``, one per timed repetition.
+
+    A fixed or merely rotated order would make each timed item always follow the same
+    neighbour, and what that neighbour leaves behind (caches, freed memory that the
+    allocator hands back to the system) biases the follower: rotated, a jaxaccum step
+    always ran right after the full-batch step, which frees some hundred MiB, and measured
+    up to 7 % slower than in a random order. Seeded, so a rerun uses the same orders.
+    """
+    rng = np.random.default_rng(seed)
+    for _ in range(reps):
+        yield [int(i) for i in rng.permutation(n)]
+
+
 def time_round_robin(
     methods: Sequence[Method], reps: int, warmup: int, seed: int = 0
 ) -> dict[str, list[float]]:
     """Seconds per effective step of each method, interleaved over repetitions.
 
-    Every repetition runs all methods in a fresh random order (seeded, so a rerun uses the
-    same orders). A fixed or merely rotated order would make each method always follow
-    the same neighbour, and what that neighbour leaves behind (caches, freed memory that
-    the allocator hands back to the system) biases the follower: rotated, a jaxaccum step
-    always ran right after the full-batch step, which frees some hundred MiB, and measured
-    up to 7 % slower than in a random order. Garbage collection is paused while timing.
+    Every repetition runs all methods in a fresh random order (see :func:`random_orders`).
+    Garbage collection is paused while timing.
     """
     for method in methods:
         for _ in range(warmup):
@@ -134,9 +144,8 @@ def time_round_robin(
     gc.collect()
     gc.disable()
     try:
-        rng = np.random.default_rng(seed)
-        for _ in range(reps):
-            for i in rng.permutation(len(methods)):
+        for order in random_orders(len(methods), reps, seed):
+            for i in order:
                 method = methods[i]
                 if method.prepare is not None:
                     method.prepare()
