@@ -18,6 +18,7 @@ from jaxaccum._multisteps import multi_steps as multi_steps
 from jaxaccum._planner import MicrobatchPlan as MicrobatchPlan
 from jaxaccum._planner import plan_microbatches as plan_microbatches
 from jaxaccum._reduce import Reduce as Reduce
+from jaxaccum._sharding import FSDP as FSDP
 from jaxaccum._sharding import DataAxis as DataAxis
 from jaxaccum._split import Split as Split
 from jaxaccum._split import pad_batch as pad_batch
@@ -30,6 +31,7 @@ from jaxaccum._train import train_step as train_step
 __version__ = "0.1.0"
 
 __all__ = [
+    "FSDP",
     "Collective",
     "CollectiveReport",
     "DataAxis",

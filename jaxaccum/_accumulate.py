@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -10,10 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxaccum import _args, _conv, _reduce, _sharding, _split
+from jaxaccum import _args, _cpu_conv, _reduce, _sharding, _split
 from jaxaccum._args import ArgRef, BoundCall
 from jaxaccum._reduce import Reduce
-from jaxaccum._sharding import DataAxis, DataParallel
+from jaxaccum._sharding import FSDP, DataAxis, DataParallel
 from jaxaccum._split import Split
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -112,6 +114,9 @@ def accumulate(
     unroll: int | bool = 1,
     data_axis: DataAxis | None = None,
     mesh: jax.sharding.Mesh | None = None,
+    axis_name: DataAxis | None = None,
+    fsdp: FSDP = "per_microbatch",
+    in_specs: Sequence[Any] | None = None,
 ) -> F:
     """Runs ``step_fn`` over k micro-batches of a batch and reduces the outputs.
 
@@ -125,11 +130,13 @@ def accumulate(
     Accumulate the gradient function, do not differentiate the accumulated function:
     ``jax.grad(accumulate(loss, k))`` keeps every micro-batch's residuals alive.
 
-    ``step_fn`` is traced once per compilation and the loop body evaluates that trace.
-    When the default backend is the CPU, convolutions XLA:CPU would run slowly inside a
-    loop (those not in NHWC/HWIO layout, such as the weight gradient of an ordinary
-    convolution) are evaluated in that layout between transposes; GPU and TPU programs
-    are unchanged.
+    The loop body calls ``step_fn`` on the micro-batch as a hand-written ``lax.scan``
+    would, with the micro-batch's whole abstract type (its sharding on Explicit mesh
+    axes, its varying axes inside ``shard_map``); ``step_fn`` is traced twice per
+    compilation (once for the output types, once in the loop). Compiled for the CPU,
+    convolutions XLA:CPU would run slowly inside a loop (those not in NHWC/HWIO layout,
+    such as the weight gradient of an ordinary convolution) are evaluated in that layout
+    between transposes; what other backends compile is the plain loop.
 
     Args:
       step_fn: the function to run per micro-batch, typically ``jax.value_and_grad(loss)``.
@@ -165,11 +172,26 @@ def accumulate(
         instead of one per micro-batch). Floating outputs are averaged over devices like
         micro-batches (weighted with ``weight_fn``), SUM and integer outputs summed,
         MAX/MIN taken over devices; carried floating state is averaged over devices after
-        the loop; micro-batch j's key is also folded with the device index. Non-batch
-        arguments (params) are replicated into the loop; sharded (FSDP) params are
-        gathered once before it. Other mesh axes stay under the compiler's control.
+        the loop; micro-batch j's key is also folded with the device index. Arguments
+        replicated over the data axes stay so. Arguments sharded over them (FSDP params)
+        are gathered as ``fsdp`` says, and an output with the structure and shapes of
+        such an argument (its gradient) is reduce-scattered back into its sharding.
+        Other mesh axes (tensor parallelism) stay under the compiler's control.
       mesh: the ``jax.sharding.Mesh`` for ``data_axis``; default: the mesh set with
         ``jax.set_mesh``.
+      axis_name: axis name(s) already bound by the caller: ``accumulate`` is called
+        inside the caller's ``jax.shard_map`` or ``jax.pmap`` over them. Each device
+        runs its own loop and the outputs are combined over the axes once, after it,
+        with the semantics of ``data_axis``; non-batch arguments are marked varying so
+        that ``jax.grad`` inside the step does not sum them at every micro-batch.
+        Exclusive with ``data_axis``.
+      fsdp: with ``data_axis``, how arguments sharded over the data axes are gathered:
+        ``"per_microbatch"`` (default) or ``"gather_once"``; see :data:`jaxaccum.FSDP`.
+      in_specs: with ``data_axis``, a ``PartitionSpec`` prefix per positional argument
+        (batch positions ignored), saying which arguments are sharded over the data
+        axes. Default: read from each argument's type, which carries it on meshes with
+        Explicit axes (``jax.make_mesh``'s default); traced arrays on Auto axes carry no
+        placement and are taken as replicated unless given here.
 
     Returns:
       A function with ``step_fn``'s signature returning the reduced outputs, or
@@ -271,7 +293,7 @@ def accumulate(
     if not roles["batch"]:
         raise ValueError("no batch argument: give batch_argnums= or batch_argnames=.")
     _args.check_disjoint(roles)
-    dp = _sharding.data_parallel(data_axis, mesh)
+    dp = _sharding.data_parallel(data_axis, mesh, axis_name, fsdp, in_specs)
     if k == 1 and Reduce.STACK not in spec and dp is None:
         return step_fn
     run = functools.partial(
@@ -289,18 +311,95 @@ def accumulate(
     @functools.wraps(step_fn)
     def accumulated(*args: Any, **kwargs: Any) -> Any:
         call = BoundCall(args, kwargs)
+        if dp is not None and not dp.bound:
+            return _run_sharded(run, call, roles, k, split, dp)
         with jax.named_scope(SCOPE):
             if dp is None:
                 return run(call)
-            return _run_sharded(run, call, roles["batch"], k, split, dp)
+            return run(_varying(call, roles["batch"], dp.axes), local=_bound(dp))
 
     return accumulated  # type: ignore[return-value]
+
+
+def _bound(dp: DataParallel) -> Local:
+    """The loop's relation to axes the caller bound (its ``shard_map`` or ``pmap``)."""
+    try:
+        devices = math.prod(jax.lax.axis_size(a) for a in dp.axes)
+    except NameError as err:
+        raise ValueError(
+            f"axis_name={dp.axes!r} is not bound here ({err}); call the step inside the "
+            "jax.shard_map or jax.pmap that binds it, or use data_axis= to let jaxaccum "
+            "run its own shard_map over a mesh."
+        ) from None
+    return Local(dp.axes, devices, dp.fsdp)
+
+
+@dataclasses.dataclass
+class Local:
+    """How one device's loop relates to the data axes (inside ``shard_map`` or ``pmap``).
+
+    Attributes:
+      axes: the data axes the outputs are combined over after the loop.
+      devices: the number of devices along them.
+      fsdp: the strategy for arguments sharded over the axes.
+      layouts: per argument (a ref by position or keyword), a pytree of
+        ``_sharding.Sharded`` or None leaves: which leaves arrive as shards.
+      gathered: whether those leaves were already gathered before the loop.
+      out_layouts: set by the loop: per result leaf, the layout it leaves in.
+    """
+
+    axes: tuple[str, ...]
+    devices: int
+    fsdp: FSDP = "per_microbatch"
+    layouts: dict[ArgRef, Any] = dataclasses.field(default_factory=dict)
+    gathered: bool = False
+    out_layouts: list[Any] = dataclasses.field(default_factory=list)
+
+    def splits(self) -> bool:
+        """Whether any argument leaf arrives as shards over the data axes."""
+        leaves = jax.tree.leaves(list(self.layouts.values()), is_leaf=_none)
+        return any(lay is not None and lay.split for lay in leaves)
+
+    def gather(self, call: BoundCall, j: Any = None) -> BoundCall:
+        """The call with every sharded argument leaf gathered in full.
+
+        Given the loop index ``j``, the shards are tied to it first, so that the compiler
+        cannot hoist the all-gathers out of the loop (which would keep every gathered
+        parameter alive across all micro-batches).
+        """
+        refs = list(self.layouts)
+        shards = [call.get(ref, "argument") for ref in refs]
+        if j is not None:
+            shards, _ = jax.lax.optimization_barrier((shards, j))
+        values = {
+            ref: jax.tree.map(_sharding.gather, x, self.layouts[ref], is_leaf=_none)
+            for ref, x in zip(refs, shards, strict=True)
+        }
+        return call.with_values(values)
+
+    def candidates(self, call: BoundCall) -> list[tuple[Any, Any]]:
+        """``(full-size shapes, layouts)`` of each argument, for matching its gradient."""
+
+        def full(x: Any, lay: _sharding.Sharded | None) -> jax.ShapeDtypeStruct:
+            shape = list(np.shape(x))
+            if lay is not None and lay.dim is not None and not self.gathered:
+                shape[lay.dim] *= math.prod(jax.lax.axis_size(a) for a in lay.axes)
+            return jax.ShapeDtypeStruct(tuple(shape), jnp.float32)
+
+        return [
+            (jax.tree.map(full, call.get(ref, "argument"), tree, is_leaf=_none), tree)
+            for ref, tree in self.layouts.items()
+        ]
+
+
+def _none(x: Any) -> bool:
+    return x is None
 
 
 def _run_sharded(
     run: Callable[..., Any],
     call: BoundCall,
-    batch_refs: tuple[ArgRef, ...],
+    roles: dict[str, tuple[ArgRef, ...]],
     k: int,
     split: Split,
     dp: DataParallel,
@@ -308,29 +407,111 @@ def _run_sharded(
     """``run`` under ``shard_map``: a local scan per device, outputs combined after it."""
     mesh = dp.resolve_mesh()
     shards = dp.size(mesh)
+    batch_refs = roles["batch"]
     batch = {ref.label: call.get(ref, "batch") for ref in batch_refs}
+    _sharding.check_batch_placed(batch, dp, mesh)
     if split == "presplit":
         batch = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), batch)
     n = _split.leading_size(batch)
     first = next(p for label, t in batch.items() for p, _ in _split.leaves_with_paths(t, label))
     _sharding.check_shards(n, 1 if split == "presplit" else k, shards, first)
+    layouts = _arg_layouts(call, roles, dp)
+    specs: dict[ArgRef, Any] = {
+        ref: jax.tree.map(
+            lambda x, lay: _sharding.in_spec(lay, np.ndim(x)),
+            call.get(ref, "argument"),
+            tree,
+            is_leaf=_none,
+        )
+        for ref, tree in layouts.items()
+    }
+    specs.update({ref: _sharding.batch_spec(dp, split == "presplit") for ref in batch_refs})
     replicated = jax.sharding.PartitionSpec()
     arg_specs, kwarg_specs = BoundCall(
-        tuple(replicated for _ in call.args), {name: replicated for name in call.kwargs}
-    ).replaced({ref: _sharding.batch_spec(dp, split == "presplit") for ref in batch_refs})
+        tuple(replicated for _ in call.args), dict.fromkeys(call.kwargs, replicated)
+    ).replaced(specs)
+    laid_out = [lay for lay in jax.tree.leaves(list(layouts.values()), is_leaf=_none) if lay]
+    sharded = any(lay.split for lay in laid_out)
+    found: list[Any] = []
 
     def local(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        return run(BoundCall(args, kwargs), dp=(dp.axes, shards))
+        where = Local(dp.axes, shards, dp.fsdp, layouts if laid_out else {})
+        inner = BoundCall(args, kwargs)
+        with jax.named_scope(SCOPE):
+            if sharded and dp.fsdp == "gather_once":
+                inner, where.gathered = where.gather(inner), True
+            result = run(inner, local=where)
+        treedef: Any
+        flat, treedef = jax.tree.flatten(result)
+        specs = [
+            _sharding.in_spec(lay, np.ndim(x))
+            for x, lay in zip(flat, where.out_layouts, strict=True)
+        ]
+        found[:] = [treedef.unflatten(specs)]
+        return result
 
-    sharded = jax.shard_map(
-        local,
-        mesh=mesh,
-        in_specs=(tuple(arg_specs), kwarg_specs),
-        out_specs=replicated,
-        axis_names=set(dp.axes),
-        check_vma=False,
-    )
-    return sharded(_sharding.as_array_tree(tuple(call.args)), _sharding.as_array_tree(call.kwargs))
+    def mapped(out_specs: Any) -> Callable[..., Any]:
+        return jax.shard_map(
+            local,
+            mesh=mesh,
+            in_specs=(tuple(arg_specs), kwarg_specs),
+            out_specs=out_specs,
+            axis_names=set(dp.axes),
+            check_vma=False,
+        )
+
+    args = (_sharding.as_array_tree(tuple(call.args)), _sharding.as_array_tree(call.kwargs))
+    if not sharded:
+        return mapped(replicated)(*args)
+    # Gradients of sharded arguments leave sharded; which outputs they are is known once
+    # the step has been traced, so the specs are found by an abstract trace first.
+    jax.eval_shape(mapped(replicated), *args)
+    return mapped(found[0])(*args)
+
+
+def _arg_layouts(
+    call: BoundCall, roles: dict[str, tuple[ArgRef, ...]], dp: DataParallel
+) -> dict[ArgRef, Any]:
+    """Per non-batch argument passed, which leaves are sharded over the data axes.
+
+    Raises:
+      ValueError: for carried state or keys sharded over the data axes, or a layout the
+        loop cannot gather and reduce-scatter.
+    """
+    role_of = {call.locate(ref, role): role for role, refs in roles.items() for ref in refs}
+    given = dp.in_specs
+    layouts = {}
+    for ref in call.refs():
+        role = role_of.get(ref, "argument")
+        if role == "batch":
+            continue
+        spec = None
+        if given is not None and ref.num is not None and ref.num < len(given):
+            spec = given[ref.num]
+        tree = _sharding.arg_layouts(call.get(ref, role), spec, dp.axes, ref.label)
+        if role != "argument":
+            if any(lay is not None for lay in jax.tree.leaves(tree, is_leaf=_none)):
+                raise ValueError(
+                    f"{role} argument {ref.label} is sharded over the data axes {dp.axes}, "
+                    "but carried state and keys are replicated over them; replicate it: "
+                    "jax.device_put(value, NamedSharding(mesh, P()))."
+                )
+            continue
+        layouts[ref] = tree
+    return layouts
+
+
+def _typed(x: jax.Array, aval: Any) -> jax.Array:
+    """``x`` with the sharding type (Explicit axes) and varying axes of ``aval``."""
+    sharding = getattr(aval, "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    spec = getattr(sharding, "spec", None)
+    if mesh is not None and not mesh.empty and _sharding.explicit_in(spec, mesh):
+        x = jax.sharding.reshard(x, sharding)
+    varying = tuple(getattr(getattr(aval, "mat", None), "varying", ()) or ())
+    if varying:
+        x = jax.lax.pcast(x, varying, to="varying")
+    return x
 
 
 def _run(
@@ -344,9 +525,9 @@ def _run(
     split: Split,
     accum_dtype: np.dtype,
     unroll: int | bool,
-    dp: tuple[tuple[str, ...], int] | None = None,
+    local: Local | None = None,
 ) -> Any:
-    """The micro-batch loop; with ``dp = (axes, devices)`` it runs per device in shard_map."""
+    """The micro-batch loop; with ``local`` it runs per device and combines after the loop."""
     batch_refs, carry_refs, rng_refs = roles["batch"], roles["carry"], roles["rng"]
     batch = {ref.label: call.get(ref, "batch") for ref in batch_refs}
     state = tuple(call.get(ref, "carry") for ref in carry_refs)
@@ -354,60 +535,80 @@ def _run(
     for ref, key in zip(rng_refs, keys, strict=True):
         _check_key(key, ref.label)
     views, axis = _split.microbatches(batch, k, split)
-    if dp is not None and keys:
-        device = _sharding.device_index(dp[0])
+    if local is not None and keys:
+        device = _sharding.device_index(local.axes)
         keys = tuple(jax.random.fold_in(key, device) for key in keys)
+    gather_in_loop = local is not None and local.splits() and not local.gathered
 
-    def run_one(mb: dict[str, Any], state: tuple[Any, ...], j: Any) -> tuple[Any, Any, Any]:
+    def one(views: Any, state: tuple[Any, ...], j: Any) -> tuple[Any, Any, Any]:
+        """Micro-batch j: the user's step called on it, as a hand-written loop would."""
+        mb = _split.index(views, j, axis)
+        step_call = local.gather(call, j) if gather_in_loop and local is not None else call
         values = dict(zip(batch_refs, mb.values(), strict=True))
         values.update(zip(carry_refs, state, strict=True))
         values.update(
             (ref, jax.random.fold_in(key, j)) for ref, key in zip(rng_refs, keys, strict=True)
         )
-        args, kwargs = call.replaced(values)
+        args, kwargs = step_call.replaced(values)
         result = step_fn(*args, **kwargs)
         if carry_refs:
             out, new_state = _unpack_state(result, len(carry_refs))
         else:
             out, new_state = result, ()
+        out = jax.tree.map(jnp.asarray, out)
         w = None if weight_fn is None else weight_fn(*mb.values())
         return out, new_state, w
 
-    # One trace of the user's step; the loop body evaluates it again (see _conv.Traced).
-    traced = _conv.Traced(
-        run_one, _split.shapes(views, axis), state, jax.ShapeDtypeStruct((), jnp.int32)
-    )
-    out_shapes, state_shapes, w_shape = traced.out_shape
+    # The step's output types, traced on micro-batch 0 with its whole abstract type.
+    closed, shapes = jax.make_jaxpr(one, return_shape=True)(views, state, jnp.int32(0))
+    avals = jax.tree.unflatten(jax.tree.structure(shapes), closed.out_avals)
+    out_avals, state_avals, w_aval = avals
     labels = [ref.label for ref in carry_refs]
     _check_carry(
         dict(zip(labels, jax.eval_shape(lambda s: s, state), strict=True)),
-        dict(zip(labels, state_shapes, strict=True)),
+        dict(zip(labels, state_avals, strict=True)),
     )
     if weight_fn is not None:
-        _check_weight(w_shape)
-    reductions = _reduce.resolve(reduce, out_shapes, weight_fn is not None)
+        _check_weight(w_aval)
+    state = jax.tree.map(_join_varying, state, state_avals)
+    reductions = _reduce.resolve(reduce, out_avals, weight_fn is not None)
     treedef: Any
     flat_r, treedef = jax.tree.flatten(reductions, is_leaf=lambda x: isinstance(x, Reduce))
-    flat_shapes = treedef.flatten_up_to(out_shapes)
-    accs = [_reduce.init(r, s, accum_dtype) for r, s in zip(flat_r, flat_shapes, strict=True)]
+    flat_avals = treedef.flatten_up_to(out_avals)
+    flat_lay = _out_layouts(local, call, out_avals, flat_r, treedef)
+    scatter_now = [lay is not None and lay.split and gather_in_loop for lay in flat_lay]
+    accs = [
+        _sharding.constrain(
+            _typed(_reduce.init(r, _shard_shape(a, lay if now else None), accum_dtype), a), lay
+        )
+        for r, a, lay, now in zip(flat_r, flat_avals, flat_lay, scatter_now, strict=True)
+    ]
     w_dtype = jnp.promote_types(accum_dtype, jnp.float32)
+    w_init = jnp.zeros((), w_dtype) if w_aval is None else _typed(jnp.zeros((), w_dtype), w_aval)
+    # XLA:CPU runs convolutions slowly inside a loop unless they are in one layout; the
+    # CPU backend gets the loop body with them rewritten (see _cpu_conv). Elsewhere, and
+    # for every step without such convolutions, the body calls the step as it is.
+    rewrite = k > 1 and jax.default_backend() == "cpu" and _cpu_conv.needs_rewrite(closed.jaxpr)
 
     def body(carry: Any, _: None) -> tuple[Any, Any]:
         # The micro-batch index j is carried (not scanned over an arange): the slices
         # fused into the step's ops then read it directly, as a scan over xs would.
         accs, state, w_sum, j = carry
-        # Inside a loop body XLA:CPU needs convolutions in canonical layout (see _conv).
-        out, new_state, w = traced(
-            _split.index(views, j, axis), state, j, canonical_convolutions=k > 1
-        )
+        if rewrite:
+            out, new_state, w = _cpu_conv.call(one, views, state, j)
+        else:
+            out, new_state, w = one(views, state, j)
         w = None if w is None else jnp.asarray(w).astype(w_dtype)
         flat_out = treedef.flatten_up_to(out)
-        accs = [_reduce.update(r, a, x, w) for r, a, x in zip(flat_r, accs, flat_out, strict=True)]
+        accs = [
+            _sharding.constrain(_update(r, a, x, w, lay if now else None), lay)
+            for r, a, x, lay, now in zip(flat_r, accs, flat_out, flat_lay, scatter_now, strict=True)
+        ]
         stacked = [x if r is Reduce.STACK else None for r, x in zip(flat_r, flat_out, strict=True)]
         w_sum = w_sum if w is None else w_sum + jnp.where(w > 0, w, 0)
         return (accs, new_state, w_sum, j + 1), (stacked, w)
 
-    init = (accs, state, jnp.zeros((), w_dtype), jnp.int32(0))
+    init = (accs, state, w_init, jnp.int32(0))
     if k == 1:  # no loop at all: a length-1 scan can cost more than the step itself
         (accs, state, w_sum, _), (stacked, ws) = body(init, None)
         stacked, ws = jax.tree.map(lambda y: y[None], (stacked, ws))
@@ -417,21 +618,102 @@ def _run(
         )
     accs = [ys if r is Reduce.STACK else a for r, a, ys in zip(flat_r, accs, stacked, strict=True)]
     count = k
-    if dp is not None:
-        axes, devices = dp
-        accs = [_sharding.combine(r, a, ws, axes) for r, a in zip(flat_r, accs, strict=True)]
-        count = k * devices
+    if local is not None:
+        axes = local.axes
+        accs = [
+            a if now else _combine(r, a, ws, axes, lay)
+            for r, a, lay, now in zip(flat_r, accs, flat_lay, scatter_now, strict=True)
+        ]
+        count = k * local.devices
         if weight_fn is not None:
             w_sum = jax.lax.psum(w_sum, axes)
         state = _sharding.combine_state(state, axes)
     out_flat = [
         a if r is Reduce.STACK else _reduce.finish(r, a, s.dtype, count, w_sum)
-        for r, a, s in zip(flat_r, accs, flat_shapes, strict=True)
+        for r, a, s in zip(flat_r, accs, flat_avals, strict=True)
     ]
     out = treedef.unflatten(out_flat)
-    if not carry_refs:
-        return out
-    return out, state[0] if len(carry_refs) == 1 else state
+    result = out if not carry_refs else (out, state[0] if len(carry_refs) == 1 else state)
+    if local is not None:
+        state_leaves = len(jax.tree.leaves(result)) - len(out_flat)
+        local.out_layouts = list(flat_lay) + [None] * state_leaves
+    return result
+
+
+def _vary(x: Any, axes: Sequence[str]) -> Any:
+    """``x`` marked as varying over ``axes`` (no-op outside ``check_vma`` tracing)."""
+    if not hasattr(x, "dtype"):
+        return x
+    have = set(getattr(getattr(jax.typeof(x), "mat", None), "varying", ()) or ())
+    extra = tuple(a for a in axes if a not in have)
+    return jax.lax.pcast(x, extra, to="varying") if extra else x
+
+
+def _join_varying(x: Any, aval: Any) -> Any:
+    """Initial carried state made as varying as the state the step returns."""
+    return _vary(x, tuple(getattr(getattr(aval, "mat", None), "varying", ()) or ()))
+
+
+def _varying(call: BoundCall, batch_refs: Sequence[ArgRef], axes: Sequence[str]) -> BoundCall:
+    """Non-batch arguments marked as varying over the caller's data axes.
+
+    Under ``shard_map(check_vma=True)`` the gradient with respect to an argument that is
+    the same on every device is summed over the devices by ``jax.grad`` itself, at every
+    micro-batch. Marked varying, each device keeps its own gradient and the loop
+    combines them once, after the last micro-batch.
+    """
+    batch = {call.locate(ref, "batch") for ref in batch_refs}
+    values = {
+        ref: jax.tree.map(lambda x: _vary(x, axes), call.get(ref, "argument"))
+        for ref in call.refs()
+        if ref not in batch
+    }
+    return call.with_values(values)
+
+
+def _out_layouts(
+    local: Local | None, call: BoundCall, out_avals: Any, flat_r: list[Reduce], treedef: Any
+) -> list[Any]:
+    """Per output leaf, the layout of the sharded argument it is the gradient of, or None.
+
+    Only floating outputs that are averaged or summed are kept sharded (reduce-scattered).
+    """
+    if local is None or not local.layouts:
+        return [None] * len(flat_r)
+    matched = _sharding.match_outputs(out_avals, local.candidates(call))
+    flat = treedef.flatten_up_to(
+        jax.tree.map(lambda x: x, matched, is_leaf=lambda x: x is None or _is_sharded(x))
+    )
+    summing = (Reduce.MEAN, Reduce.WEIGHTED_MEAN, Reduce.SUM)
+    return [
+        lay if r in summing and jnp.issubdtype(a.dtype, jnp.inexact) else None
+        for lay, r, a in zip(flat, flat_r, treedef.flatten_up_to(out_avals), strict=True)
+    ]
+
+
+def _is_sharded(x: Any) -> bool:
+    return isinstance(x, _sharding.Sharded)
+
+
+def _shard_shape(aval: Any, layout: _sharding.Sharded | None) -> jax.ShapeDtypeStruct:
+    shape = list(aval.shape)
+    if layout is not None and layout.dim is not None:
+        shape[layout.dim] //= math.prod(jax.lax.axis_size(a) for a in layout.axes)
+    return jax.ShapeDtypeStruct(tuple(shape), aval.dtype)
+
+
+def _update(r: Reduce, acc: jax.Array, x: jax.Array, w: jax.Array | None, layout: Any) -> jax.Array:
+    """Folds one micro-batch in; a sharded gradient is reduce-scattered into its shard."""
+    if layout is None:
+        return _reduce.update(r, acc, x, w)
+    return acc + _sharding.scatter(_reduce.contribution(r, x, w, acc.dtype), layout)
+
+
+def _combine(r: Reduce, acc: jax.Array, ws: Any, axes: tuple[str, ...], layout: Any) -> jax.Array:
+    """After the loop: one collective per output (a reduce-scatter for sharded gradients)."""
+    if layout is None or not layout.split:
+        return _sharding.constrain(_sharding.combine(r, acc, ws, axes), layout)
+    return _sharding.scatter(acc, layout)
 
 
 def _unpack_state(result: Any, n: int) -> tuple[Any, tuple[Any, ...]]:

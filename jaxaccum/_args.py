@@ -94,6 +94,22 @@ class BoundCall:
             f"jaxaccum.accumulate at it with {role}_argnums=/{role}_argnames=."
         )
 
+    def with_values(self, values: dict[ArgRef, Any]) -> BoundCall:
+        """A new call with the given arguments swapped for new values."""
+        args, kwargs = self.replaced(values)
+        return BoundCall(tuple(args), kwargs)
+
+    def refs(self) -> list[ArgRef]:
+        """One ref per argument passed: positions first, then keywords."""
+        return [ArgRef(i, None) for i in range(len(self.args))] + [
+            ArgRef(None, name) for name in self.kwargs
+        ]
+
+    def locate(self, ref: ArgRef, role: str) -> ArgRef:
+        """The argument ``ref`` points at, as a ref by position or by keyword only."""
+        where, key = self._where(ref, role)
+        return ArgRef(key, None) if where == "args" else ArgRef(None, key)
+
     def get(self, ref: ArgRef, role: str) -> Any:
         where, key = self._where(ref, role)
         return self.args[key] if where == "args" else self.kwargs[key]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, get_args
 
 import jax
 import numpy as np
@@ -14,6 +14,7 @@ from jax.extend import core as jex_core
 from jaxaccum import _args, _split
 from jaxaccum._accumulate import SCOPE, _check_k
 from jaxaccum._memory import MemoryStats
+from jaxaccum._sharding import FSDP
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,19 +23,23 @@ class Candidate:
 
     Attributes:
       k: micro-batches per step.
+      strategy: the FSDP strategy compiled (see :data:`jaxaccum.FSDP`), or None when
+        the plan was made without ``strategies``.
       micro_batch_size: examples per micro-batch, N / k.
       argument_bytes: input buffers (params, optimizer state, the whole batch).
       output_bytes: output buffers.
       temp_bytes: temporaries (activations, residuals, the running sums).
       alias_bytes: output bytes written into donated input buffers.
-      accumulator_bytes: the accumulation loop's carry (the float32 running sums and any
-        carried state); already inside the figures above, shown to explain them. 0 when
-        the program has no ``jaxaccum.accumulate`` loop (k = 1).
+      accumulator_bytes: the accumulation loop's carry per device (the float32 running
+        sums and any carried state: a shard of the gradient for FSDP per micro-batch, the
+        whole gradient when gathered once); already inside the figures above, shown to
+        explain them. 0 when the program has no ``jaxaccum.accumulate`` loop (k = 1).
       peak_bytes: ``argument_bytes + output_bytes + temp_bytes - alias_bytes``.
       fits: ``peak_bytes <= budget``.
     """
 
     k: int
+    strategy: FSDP | None
     micro_batch_size: int
     argument_bytes: int
     output_bytes: int
@@ -47,6 +52,7 @@ class Candidate:
 
 _COLUMNS = (
     "k",
+    "strategy",
     "micro-batch",
     "arguments",
     "outputs",
@@ -64,19 +70,21 @@ class MicrobatchPlan:
 
     Attributes:
       k: the chosen number of micro-batches: the smallest candidate that fits.
+      strategy: the chosen FSDP strategy, or None without ``strategies``.
       micro_batch_size: examples per micro-batch at that k.
       budget_bytes: the budget in bytes.
       candidates: every compiled candidate, by increasing k.
     """
 
     k: int
+    strategy: FSDP | None
     micro_batch_size: int
     budget_bytes: int
     candidates: tuple[Candidate, ...]
 
     def table(self) -> str:
         """A Markdown table of the candidates (sizes in KiB/MiB/GiB), chosen row marked."""
-        return _table(self.candidates, self.budget_bytes, chosen=self.k)
+        return _table(self.candidates, self.budget_bytes, chosen=(self.k, self.strategy))
 
     def __str__(self) -> str:
         return self.table()
@@ -91,15 +99,16 @@ def _size(n: int) -> str:
     return f"{n} B" if unit == "B" else f"{value:.2f} {unit}"
 
 
-def _table(candidates: Sequence[Candidate], budget: int, chosen: int | None) -> str:
+def _table(candidates: Sequence[Candidate], budget: int, chosen: Any) -> str:
     rows = [
         [
             str(c.k),
+            c.strategy or "-",
             str(c.micro_batch_size),
             *map(_size, (c.argument_bytes, c.output_bytes, c.temp_bytes, c.alias_bytes)),
             _size(c.accumulator_bytes),
             _size(c.peak_bytes),
-            ("yes (chosen)" if c.k == chosen else "yes") if c.fits else "no",
+            ("yes (chosen)" if (c.k, c.strategy) == chosen else "yes") if c.fits else "no",
         ]
         for c in candidates
     ]
@@ -163,18 +172,45 @@ def _candidate_ks(args: tuple[Any, ...], batch_argnums: Any, ks: Any) -> tuple[i
     return n, chosen
 
 
-def _nbytes(aval: Any) -> int:
-    return math.prod(aval.shape) * int(aval.dtype.itemsize)
+def _nbytes(aval: Any, sharding: Any = None) -> int:
+    """Bytes of one device's part of ``aval`` (laid out by ``sharding`` or its type)."""
+    shape = list(aval.shape)
+    sharding = sharding if sharding is not None else getattr(aval, "sharding", None)
+    mesh, spec = getattr(sharding, "mesh", None), getattr(sharding, "spec", None) or ()
+    if mesh is not None:
+        manual = jax.sharding.AxisType.Manual  # inside shard_map: shapes are per device
+        sizes = {
+            n: int(size)
+            for n, size, t in zip(mesh.axis_names, mesh.axis_sizes, mesh.axis_types, strict=True)
+            if t != manual
+        }
+        for dim, entry in enumerate(spec):
+            names = entry if isinstance(entry, tuple) else (entry,)
+            shape[dim] //= math.prod(sizes.get(n, 1) for n in names if isinstance(n, str))
+    return math.prod(shape) * int(aval.dtype.itemsize)
 
 
 def accumulator_bytes(jaxpr: Any) -> int:
-    """Bytes carried by the ``jaxaccum.accumulate`` loops of a jaxpr (nested ones included)."""
+    """Per-device bytes carried by the ``jaxaccum.accumulate`` loops of a jaxpr.
+
+    Nested loops count too. Inside ``shard_map`` the carry's shapes are already per
+    device; a carry laid out by its type (Explicit axes) or by a sharding constraint
+    (tensor-parallel gradients on Auto axes) counts one device's shard.
+    """
+    constrained = {
+        eqn.outvars[0]: eqn.params["sharding"]
+        for eqn in jaxpr.eqns
+        if eqn.primitive.name == "sharding_constraint"
+    }
     total = 0
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "scan" and SCOPE in str(eqn.source_info.name_stack):
             start = eqn.params["num_consts"]
             carry = eqn.invars[start : start + eqn.params["num_carry"]]
-            total += sum(_nbytes(v.aval) for v in carry)
+            total += sum(
+                _nbytes(v.aval, None if isinstance(v, jex_core.Literal) else constrained.get(v))
+                for v in carry
+            )
             continue
         total += sum(accumulator_bytes(sub) for sub in jex_core.jaxprs_in_params(eqn.params))
     return total
@@ -196,13 +232,14 @@ def _estimate(
 
 
 def plan_microbatches(
-    make_step: Callable[[int], Callable[..., Any]],
+    make_step: Callable[..., Callable[..., Any]],
     *args: Any,
     budget: int | float,
     batch_argnums: int | Sequence[int] = 1,
     ks: Sequence[int] | None = None,
     donate_argnums: int | Sequence[int] = (),
     compile_all: bool = False,
+    strategies: Sequence[FSDP] | None = None,
 ) -> MicrobatchPlan:
     """Chooses the fewest micro-batches whose compiled step fits a memory budget.
 
@@ -237,13 +274,18 @@ def plan_microbatches(
         train state): donated buffers can hold outputs, lowering the peak.
       compile_all: compile every candidate rather than stopping at the first that fits;
         the table then shows the whole trade-off.
+      strategies: FSDP strategies to choose from as well (see :data:`jaxaccum.FSDP`),
+        e.g. ``("gather_once", "per_microbatch")``; ``make_step(k, strategy)`` is then
+        called for each. At each k the strategies are tried in the order given, so list
+        the one you prefer when both fit first (``"gather_once"`` moves fewer bytes).
 
     Returns:
-      A :class:`MicrobatchPlan`; ``print(plan)`` shows the table of candidates.
+      A :class:`MicrobatchPlan`; ``print(plan)`` shows the table of candidates, and
+      ``plan.strategy`` the chosen strategy when ``strategies`` were given.
 
     Raises:
-      ValueError: for a bad budget, ``batch_argnums`` or ``ks`` (a k that does not divide
-        N), or when no candidate fits (the message shows the estimates).
+      ValueError: for a bad budget, ``batch_argnums``, ``ks`` (a k that does not divide
+        N) or strategy, or when no candidate fits (the message shows the estimates).
       TypeError: for a budget that is neither int nor float, or non-array batch leaves.
 
     Examples:
@@ -263,11 +305,11 @@ def plan_microbatches(
       ([1, 2, 4], [False, False, True])
       >>> print(plan)  # doctest: +ELLIPSIS, +NORMALIZE_WHITESPACE
       budget 4.50 MiB; peak = arguments + outputs + temporaries - aliased
-      | k | micro-batch | arguments | outputs | temporaries | aliased | accumulator | peak | fits |
+      | k | strategy | micro-batch | arguments | outputs | ... | accumulator | peak | fits |
       ...
-      | 1 | 1024 | ... | no |
-      | 2 |  512 | ... | no |
-      | 4 |  256 | ... | yes (chosen) |
+      | 1 | - | 1024 | ... | no |
+      | 2 | - |  512 | ... | no |
+      | 4 | - |  256 | ... | yes (chosen) |
     """
     if not callable(make_step):
         raise TypeError(
@@ -276,14 +318,17 @@ def plan_microbatches(
         )
     budget_bytes = _budget_bytes(budget)
     n, candidate_ks = _candidate_ks(args, batch_argnums, ks)
+    plans = [(k, s) for k in candidate_ks for s in _check_strategies(strategies)]
     candidates: list[Candidate] = []
-    for k in candidate_ks:
-        stats, acc = _estimate(make_step(k), args, donate_argnums)
+    for k, strategy in plans:
+        step = make_step(k) if strategy is None else make_step(k, strategy)
+        stats, acc = _estimate(step, args, donate_argnums)
         peak = stats.argument_bytes + stats.output_bytes + stats.temp_bytes - stats.alias_bytes
         fits = peak <= budget_bytes
         candidates.append(
             Candidate(
                 k=k,
+                strategy=strategy,
                 micro_batch_size=n // k,
                 argument_bytes=stats.argument_bytes,
                 output_bytes=stats.output_bytes,
@@ -308,4 +353,19 @@ def plan_microbatches(
             "it over devices, or pad the batch with jaxaccum.pad_batch to a size with more "
             "divisors and pass a larger k in ks."
         )
-    return MicrobatchPlan(chosen.k, chosen.micro_batch_size, budget_bytes, tuple(candidates))
+    return MicrobatchPlan(
+        chosen.k, chosen.strategy, chosen.micro_batch_size, budget_bytes, tuple(candidates)
+    )
+
+
+def _check_strategies(strategies: Any) -> list[FSDP | None]:
+    if strategies is None:
+        return [None]
+    if isinstance(strategies, str):
+        raise TypeError(f"strategies must be a sequence, e.g. ({strategies!r},).")
+    chosen = list(strategies)
+    valid = get_args(FSDP)
+    bad = [s for s in chosen if s not in valid]
+    if not chosen or bad:
+        raise ValueError(f"strategies must hold one or more of {valid}, got {strategies!r}.")
+    return chosen

@@ -139,14 +139,19 @@ def init(reduce: Reduce, leaf: jax.ShapeDtypeStruct, accum_dtype: np.dtype) -> j
     return jnp.zeros(leaf.shape, dtype)
 
 
-def update(reduce: Reduce, acc: jax.Array, x: jax.Array, w: jax.Array | None) -> jax.Array:
-    """Folds one micro-batch's output ``x`` (with weight ``w``) into ``acc``."""
-    if reduce in (Reduce.MEAN, Reduce.SUM):
-        return acc + x.astype(acc.dtype)
+def contribution(reduce: Reduce, x: jax.Array, w: jax.Array | None, dtype: Any) -> jax.Array:
+    """What one micro-batch adds to a summing (MEAN, WEIGHTED_MEAN, SUM) accumulator."""
     if reduce is Reduce.WEIGHTED_MEAN:
         assert w is not None  # guaranteed by _check
-        contribution = x.astype(acc.dtype) * w.astype(acc.dtype)
-        return acc + jnp.where(w > 0, contribution, jnp.zeros_like(contribution))
+        weighted = x.astype(dtype) * w.astype(dtype)
+        return jnp.where(w > 0, weighted, jnp.zeros_like(weighted))
+    return x.astype(dtype)
+
+
+def update(reduce: Reduce, acc: jax.Array, x: jax.Array, w: jax.Array | None) -> jax.Array:
+    """Folds one micro-batch's output ``x`` (with weight ``w``) into ``acc``."""
+    if reduce in (Reduce.MEAN, Reduce.SUM, Reduce.WEIGHTED_MEAN):
+        return acc + contribution(reduce, x, w, acc.dtype)
     if reduce is Reduce.MAX:
         return jnp.maximum(acc, x.astype(acc.dtype))
     if reduce is Reduce.MIN:

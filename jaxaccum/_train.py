@@ -13,7 +13,7 @@ from jaxaccum import _loss_scale
 from jaxaccum._accumulate import _check_k, accumulate
 from jaxaccum._loss_scale import DynamicLossScale, LossScaleState
 from jaxaccum._reduce import Reduce
-from jaxaccum._sharding import DataAxis
+from jaxaccum._sharding import FSDP, DataAxis
 from jaxaccum._split import Split
 
 NonFinite = Literal["skip", "drop"]
@@ -206,6 +206,9 @@ def train_step(
     unroll: int | bool = 1,
     data_axis: DataAxis | None = None,
     mesh: jax.sharding.Mesh | None = None,
+    axis_name: DataAxis | None = None,
+    fsdp: FSDP = "per_microbatch",
+    param_specs: Any = None,
 ) -> TrainStep:
     """Builds a train step: k micro-batches, then one optimizer update, in one call.
 
@@ -238,6 +241,18 @@ def train_step(
         loop (see :func:`jaxaccum.accumulate`). The update then runs on the combined
         gradient under the params' own sharding.
       mesh: the mesh for ``data_axis`` (default: the one set with ``jax.set_mesh``).
+      axis_name: mesh or ``pmap`` axis name(s) already bound by the caller (inside its
+        ``jax.shard_map`` or ``jax.pmap``, e.g. Flax's ImageNet example's ``"batch"``):
+        each device accumulates its own micro-batches and every output (and BatchNorm
+        statistic) is combined over the axis once, after the loop, with the semantics of
+        ``data_axis``. Exclusive with ``data_axis``.
+      fsdp: with ``data_axis``, how parameters sharded over the data axis are handled,
+        ``"per_microbatch"`` (default) or ``"gather_once"``; see :data:`jaxaccum.FSDP`.
+        The gradient is reduce-scattered and the update runs in the params' sharding.
+      param_specs: with ``data_axis``, the params' ``PartitionSpec`` (a pytree prefix of
+        the params). Default: read from the params' types, which carry it on meshes
+        with Explicit axes (``jax.make_mesh``'s default); on Auto axes a traced array
+        carries no placement, so pass it there to keep FSDP params sharded.
 
     Returns:
       A :class:`TrainStep` ``(init, update)``.
@@ -350,6 +365,9 @@ def train_step(
         unroll=unroll,
         data_axis=data_axis,
         mesh=mesh,
+        axis_name=axis_name,
+        fsdp=fsdp,
+        in_specs=None if param_specs is None else (param_specs,),
     )
 
     def update(state: TrainState, batch: Any) -> tuple[TrainState, TrainMetrics]:

@@ -5,10 +5,12 @@ Usage: ``python tests/multiprocess_worker.py PROCESS_ID NUM_PROCESSES PORT OUT_P
 Every process joins JAX's multi-controller runtime on ``127.0.0.1:PORT`` with
 ``LOCAL_DEVICES`` CPU devices of its own (cross-process collectives go through gloo), builds
 the same digits batches, feeds only the rows its devices hold, and trains the tests' MLP
-for ``STEPS`` SGD steps. The gradient comes from :func:`make_grad_fn`: k-micro-batch
-accumulation over a global batch sharded along the mesh axis ``"data"``. Process 0 writes
-the per-step losses, the first step's gradients and the final params to ``OUT_PATH``
-(``.npz``, flattened with :func:`flatten`).
+for ``STEPS`` SGD steps in each of the ``LAYOUTS``: parameters replicated, and parameters
+sharded over the data axis (FSDP) with both of jaxaccum's strategies. The gradient comes
+from :func:`make_grad_fn`: k-micro-batch accumulation over a global batch sharded along the
+mesh axis ``"data"``. Process 0 writes, per layout, the per-step losses, the first step's
+gradients, the final params and whether the gradients came back sharded like the params to
+``OUT_PATH`` (``.npz``, flattened with :func:`flatten`, names prefixed by the layout).
 
 Nothing runs at import time: pytest imports this module to collect doctests, and the
 device count can only be set before JAX's backend starts.
@@ -24,6 +26,7 @@ from typing import Any
 import jax
 import numpy as np
 from helpers import digits_batch, init_params, mean_loss
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -35,12 +38,29 @@ K = 4
 STEPS = 10
 LR = 0.5
 TIMEOUT_S = 60  # for joining, heartbeats and the shutdown barrier
+LAYOUTS = ("replicated", "per_microbatch", "gather_once")
 
 
-def make_grad_fn(k: int, mesh: Mesh) -> Any:
+def param_specs(params: Any, layout: str, devices: int) -> Any:
+    """Replicated, or every matrix's first axis sharded over ``"data"`` (FSDP)."""
+
+    def spec(x: Any) -> P:
+        fsdp = layout != "replicated" and np.ndim(x) == 2 and np.shape(x)[0] % devices == 0
+        return P("data") if fsdp else P()
+
+    return jax.tree.map(spec, params)
+
+
+def make_grad_fn(k: int, mesh: Mesh, layout: str, specs: Any) -> Any:
     """``value_and_grad(mean_loss)`` accumulated over k micro-batches of a sharded batch,
-    with jaxaccum's data-parallel path (one all-reduce per step, after the loop)."""
-    return jaxaccum.accumulate(jax.value_and_grad(mean_loss), k, data_axis="data", mesh=mesh)
+    with jaxaccum's data-parallel path: one all-reduce per step after the loop, or for
+    FSDP params reduce-scatters (per micro-batch, or once after gathering them once)."""
+    grad_fn = jax.value_and_grad(mean_loss)
+    if layout == "replicated":
+        return jaxaccum.accumulate(grad_fn, k, data_axis="data", mesh=mesh)
+    return jaxaccum.accumulate(
+        grad_fn, k, data_axis="data", mesh=mesh, fsdp=layout, in_specs=(specs,)
+    )
 
 
 def batches(steps: int = STEPS, n: int = GLOBAL_BATCH) -> list[dict[str, np.ndarray]]:
@@ -62,28 +82,36 @@ def global_array(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
-def train(mesh: Mesh) -> dict[str, np.ndarray]:
+def train(mesh: Mesh, layout: str) -> dict[str, np.ndarray]:
     """Runs the training steps; returns losses, first gradients and final params on host."""
     replicated = NamedSharding(mesh, P())
     sharded = NamedSharding(mesh, P("data"))
-    grad_fn = make_grad_fn(K, mesh)
+    specs = param_specs(init_params(), layout, mesh.size)
+    placed = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
+    grad_fn = make_grad_fn(K, mesh, layout, specs)
 
     @jax.jit
     def step(params: Any, batch: Any) -> tuple[Any, jax.Array, Any]:
         loss, grads = grad_fn(params, batch)
         new = jax.tree.map(lambda p, g: p - LR * g, params, grads)
-        return jax.lax.with_sharding_constraint((new, loss, grads), replicated)
+        return jax.lax.with_sharding_constraint((new, loss, grads), (placed, replicated, placed))
 
-    params = jax.tree.map(lambda x: global_array(np.asarray(x), replicated), init_params())
-    losses, first_grads = [], None
+    params = jax.tree.map(lambda x, s: global_array(np.asarray(x), s), init_params(), placed)
+    losses, first_grads, kept = [], None, True
     for batch in batches():
         params, loss, grads = step(params, jax.tree.map(lambda x: global_array(x, sharded), batch))
         losses.append(np.asarray(loss))
+        flat_specs = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
+        kept &= all(
+            g.sharding.spec == s for g, s in zip(jax.tree.leaves(grads), flat_specs, strict=True)
+        )
         first_grads = grads if first_grads is None else first_grads
+    host = multihost_utils.process_allgather((first_grads, params), tiled=True)
     return {
-        "losses": np.stack(losses),
-        **flatten(first_grads, "grads"),
-        **flatten(params, "params"),
+        f"{layout}/losses": np.stack(losses),
+        f"{layout}/sharded_like_params": np.asarray(kept),
+        **flatten(host[0], f"{layout}/grads"),
+        **flatten(host[1], f"{layout}/params"),
     }
 
 
@@ -107,7 +135,8 @@ def main(process_id: int, num_processes: int, port: int, out_path: str) -> None:
             f"expected {num_processes} processes x {LOCAL_DEVICES} devices, got "
             f"{jax.process_count()} processes and devices {jax.devices()}"
         )
-    result = train(Mesh(np.array(jax.devices()), ("data",)))
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    result = {name: value for layout in LAYOUTS for name, value in train(mesh, layout).items()}
     if process_id == 0:
         np.savez(out_path, **result)
     jax.distributed.shutdown()

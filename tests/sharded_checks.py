@@ -360,3 +360,70 @@ def test_nnx_synchronised_batchnorm_three_steps_equal_one_device(mesh):
             update(model, optimizer, shard_batch(batch, mesh) if axis_name else batch)
         runs[axis_name] = nnx.state(model)
     assert_trees_close(runs["data"], runs[None])
+
+
+# --- Choosing the FSDP strategy and k under a budget -------------------------------------
+
+
+def test_planner_chooses_strategy_and_k_and_counts_sharded_accumulators(mesh):
+    """``strategies=``: at each k the listed order is tried; the accumulator column is the
+    per-device carry, a shard of the float32 gradient per micro-batch, all of it gathered
+    once (both plus the same small scalars)."""
+    widths = (128, 512, 128)
+    keys = jax.random.split(jax.random.key(0), len(widths) - 1)
+    params = [
+        jax.random.normal(kk, (a, b)) / a**0.5
+        for kk, a, b in zip(keys, widths[:-1], widths[1:], strict=True)
+    ]
+    specs = [P("data")] * len(params)
+    placed = [jax.device_put(p, NamedSharding(mesh, s)) for p, s in zip(params, specs, strict=True)]
+    batch = shard_batch({"x": jnp.ones((512, widths[0])), "y": jnp.ones((512, widths[-1]))}, mesh)
+
+    def loss(p: Any, b: Any) -> jax.Array:
+        h = b["x"]
+        for w in p[:-1]:
+            h = jnp.tanh(h @ w)
+        return jnp.mean((h @ p[-1] - b["y"]) ** 2)
+
+    tx = optax.adam(1e-3)
+
+    def make(k: int, strategy: Any) -> Any:
+        return jaxaccum.train_step(
+            loss, tx, k, data_axis="data", mesh=mesh, fsdp=strategy, param_specs=specs
+        ).update
+
+    state = jaxaccum.train_step(loss, tx, 2).init(placed)
+    every = jaxaccum.plan_microbatches(
+        make,
+        state,
+        batch,
+        budget=2**40,
+        ks=(2, 8),
+        strategies=("gather_once", "per_microbatch"),
+        donate_argnums=0,
+        compile_all=True,
+    )
+    rows = {(c.k, c.strategy): c for c in every.candidates}
+    assert list(rows) == [(2, "gather_once"), (2, "per_microbatch")] + [
+        (8, "gather_once"),
+        (8, "per_microbatch"),
+    ]
+    assert (every.k, every.strategy) == (2, "gather_once")
+    full = sum(a * b * 4 for a, b in zip(widths[:-1], widths[1:], strict=False))
+    small = rows[(2, "gather_once")].accumulator_bytes - full
+    assert 0 < small < 64, rows  # loss sum, weight, ok flag: a few scalars
+    assert rows[(2, "per_microbatch")].accumulator_bytes == full // DEVICES + small
+    assert rows[(8, "per_microbatch")].peak_bytes < rows[(8, "gather_once")].peak_bytes
+    # a budget only the per-micro-batch loop meets
+    budget = (rows[(2, "per_microbatch")].peak_bytes + rows[(2, "gather_once")].peak_bytes) // 2
+    plan = jaxaccum.plan_microbatches(
+        make,
+        state,
+        batch,
+        budget=budget,
+        ks=(2, 8),
+        strategies=("gather_once", "per_microbatch"),
+        donate_argnums=0,
+    )
+    assert (plan.k, plan.strategy) == (2, "per_microbatch"), plan
+    assert "per_microbatch" in plan.table() and "yes (chosen)" in plan.table()

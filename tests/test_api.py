@@ -13,6 +13,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def test_all_is_pinned():
     assert jaxaccum.__all__ == [
+        "FSDP",
         "Collective",
         "CollectiveReport",
         "DataAxis",

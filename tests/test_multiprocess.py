@@ -117,10 +117,19 @@ def reference() -> dict[str, np.ndarray]:
 
 
 def test_two_processes_match_one_device(tmp_path: pathlib.Path) -> None:
+    """Replicated params and FSDP params with both strategies, each equal to one device;
+    FSDP gradients come back sharded like the params."""
     result = run_workers(tmp_path)
-    expected = reference()
-    assert sorted(result) == sorted(expected)
-    assert result["losses"].shape == (worker.STEPS,)
-    assert result["losses"][-1] < result["losses"][0]  # it trained: the check is not vacuous
+    one = reference()
+    expected = {
+        f"{layout}/{name}": value for layout in worker.LAYOUTS for name, value in one.items()
+    }
+    flags = {f"{layout}/sharded_like_params" for layout in worker.LAYOUTS}
+    assert sorted(result) == sorted([*expected, *flags])
+    assert all(bool(result[flag]) for flag in flags), {f: result[f] for f in flags}
+    for layout in worker.LAYOUTS:
+        losses = result[f"{layout}/losses"]
+        assert losses.shape == (worker.STEPS,)
+        assert losses[-1] < losses[0]  # it trained: the check is not vacuous
     for name, value in expected.items():
         np.testing.assert_allclose(result[name], value, rtol=RTOL, atol=ATOL, err_msg=name)

@@ -86,6 +86,7 @@ def test_table_lists_every_column_and_marks_the_choice(every_k):
     header = [h.strip() for h in lines[1].strip("|").split("|")]
     assert header == [
         "k",
+        "strategy",
         "micro-batch",
         "arguments",
         "outputs",
@@ -193,3 +194,16 @@ def test_bad_batch_argnums_and_make_step():
         jaxaccum.plan_microbatches(grad_step, *shapes(), budget=2**30, ks=4)
     with pytest.raises(TypeError, match="make_step must be a function of k"):
         jaxaccum.plan_microbatches(None, *shapes(), budget=2**30)
+
+
+@pytest.mark.parametrize(
+    ("strategies", "error", "match"),
+    [
+        ("gather_once", TypeError, "must be a sequence"),
+        ((), ValueError, "one or more of"),
+        (("all_at_once",), ValueError, "one or more of"),
+    ],
+)
+def test_bad_strategies_name_the_choices(strategies, error, match):
+    with pytest.raises(error, match=match):
+        jaxaccum.plan_microbatches(grad_step, *shapes(), budget=2**30, strategies=strategies)
