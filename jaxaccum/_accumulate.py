@@ -316,7 +316,8 @@ def accumulate(
         with jax.named_scope(SCOPE):
             if dp is None:
                 return run(call)
-            return run(_varying(call, roles["batch"], dp.axes), local=_bound(dp))
+            local = _bound(dp)
+            return run(_varying(call, roles["batch"], dp.axes), local=local)
 
     return accumulated  # type: ignore[return-value]
 

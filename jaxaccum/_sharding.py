@@ -254,13 +254,17 @@ class Sharded:
         return self.dim is not None
 
 
-def explicit_in(spec: Any, mesh: Any) -> bool:
-    """Whether ``spec`` names an Explicit axis of ``mesh`` (so a type carries it)."""
-    explicit = {
+def _explicit_axes(mesh: Any) -> set[str]:
+    return {
         n
         for n, t in zip(mesh.axis_names, mesh.axis_types, strict=True)
         if t == jax.sharding.AxisType.Explicit
     }
+
+
+def explicit_in(spec: Any, mesh: Any) -> bool:
+    """Whether ``spec`` names an Explicit axis of ``mesh`` (so a type carries it)."""
+    explicit = _explicit_axes(mesh)
     return any(_names(entry) & explicit for entry in spec)
 
 
@@ -431,10 +435,12 @@ def _is_layout(x: Any) -> bool:
 def check_batch_placed(batch: dict[str, Any], dp: DataParallel, mesh: Any) -> None:
     """Raises unless every batch leaf is sharded over the data axes where that is visible.
 
-    On a mesh whose data axes are Explicit the batch's type says how it is placed; a
-    concrete array says it too. A traced batch on Auto axes carries no placement and is
-    split as it stands.
+    A concrete array on one device cannot be split over a mesh of many. On a mesh whose
+    data axes are Explicit, the batch's type says how it is placed and must shard its
+    leading axis over them. A traced batch on Auto axes carries no placement and is split
+    as it stands.
     """
+    explicit = bool(set(dp.axes) & _explicit_axes(mesh))
     for label, tree in batch.items():
         for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
             where = label + jax.tree_util.keystr(path)
@@ -446,18 +452,11 @@ def check_batch_placed(batch: dict[str, Any], dp: DataParallel, mesh: Any) -> No
                     f"jax.device_put(batch, NamedSharding(mesh, P({dp.spec[0]!r}))), or call "
                     "the step inside jax.jit."
                 )
-            spec = _type_spec(x)
-            if spec is None:
+            spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+            if not explicit or spec is None:
                 continue
             first = spec[0] if len(spec) else None
-            if set(_names(first)) == set(dp.axes):
-                continue
-            explicit = {
-                n
-                for n, t in zip(mesh.axis_names, mesh.axis_types, strict=True)
-                if t == jax.sharding.AxisType.Explicit
-            }
-            if set(dp.axes) & explicit:
+            if set(_names(first)) != set(dp.axes):
                 raise ValueError(
                     f"batch leaf {where} is placed as {spec}, but data_axis={dp.axes!r} needs "
                     f"its leading (example) axis sharded over {dp.axes!r}: "

@@ -13,6 +13,7 @@ Communication is read from the compiled HLO with ``jaxaccum.collectives``.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import flax.linen as nn
@@ -404,12 +405,14 @@ def test_planner_chooses_strategy_and_k_and_counts_sharded_accumulators(mesh):
         compile_all=True,
     )
     rows = {(c.k, c.strategy): c for c in every.candidates}
-    assert list(rows) == [(2, "gather_once"), (2, "per_microbatch")] + [
+    assert list(rows) == [
+        (2, "gather_once"),
+        (2, "per_microbatch"),
         (8, "gather_once"),
         (8, "per_microbatch"),
     ]
     assert (every.k, every.strategy) == (2, "gather_once")
-    full = sum(a * b * 4 for a, b in zip(widths[:-1], widths[1:], strict=False))
+    full = sum(a * b * 4 for a, b in itertools.pairwise(widths))
     small = rows[(2, "gather_once")].accumulator_bytes - full
     assert 0 < small < 64, rows  # loss sum, weight, ok flag: a few scalars
     assert rows[(2, "per_microbatch")].accumulator_bytes == full // DEVICES + small

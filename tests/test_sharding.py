@@ -28,7 +28,7 @@ def test_eight_device_checks_pass_in_a_subprocess():
         env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     ).strip()
     env["JAX_PLATFORMS"] = "cpu"
-    checks = ["sharded_checks.py", "collectives_checks.py"]
+    checks = ["sharded_checks.py", "collectives_checks.py", "mesh_checks.py"]
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *checks]
     proc = subprocess.run(cmd, cwd=TESTS, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-4000:]

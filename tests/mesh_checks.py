@@ -1,0 +1,599 @@
+"""Accumulation on every kind of mesh, inside users' ``shard_map`` and ``pmap``, and FSDP.
+
+Not collected by the default run (the name does not start with ``test_``): it needs eight
+devices, which XLA:CPU only creates when the process starts with
+``XLA_FLAGS=--xla_force_host_platform_device_count=8``. ``tests/test_sharding.py`` runs this
+file in such a subprocess, so CI runs it on every push.
+
+Meshes: axis types Explicit (``jax.make_mesh``'s default, where an array's type carries its
+sharding) and Auto (the compiler decides), with the parameters replicated, sharded over the
+data axis (FSDP: every matrix's first axis over 8 devices) or tensor-parallel (every
+matrix's second axis over ``"model"`` of a 4 × 2 mesh). References are single-device
+programs on unplaced arrays: the full-batch ``jax.value_and_grad``, or a hand-written Optax
+loop. Tolerances: 1e-6 abs / 1e-5 rel (float32 round-off of summing in another order).
+Communication and memory are read from compiled programs (``jaxaccum.collectives``,
+``jaxaccum.compiled_memory``, ``jaxaccum.plan_microbatches``); those checks run nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import jax_utils, nnx
+from helpers import MLP, assert_trees_close, digits_batch, init_params, mean_loss
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jaxaccum
+import jaxaccum.flax as jf
+
+DEVICES = 8
+N = 128
+K = 4
+STEPS = 3
+AXIS_TYPES = {"explicit": AxisType.Explicit, "auto": AxisType.Auto}
+LAYOUTS = ("replicated", "fsdp", "tp")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def devices() -> int:
+    if jax.device_count() < DEVICES:
+        pytest.fail(
+            f"needs {DEVICES} devices, found {jax.device_count()}: run through "
+            "tests/test_sharding.py, or with XLA_FLAGS=--xla_force_host_platform_device_count=8."
+        )
+    return DEVICES
+
+
+def make_mesh(axis_type: str, layout: str) -> jax.sharding.Mesh:
+    """8 devices over ``"data"``; for tensor parallelism 4 over ``"data"``, 2 over ``"model"``."""
+    kind = AXIS_TYPES[axis_type]
+    if layout == "tp":
+        return jax.make_mesh((4, 2), ("data", "model"), axis_types=(kind, kind))
+    return jax.make_mesh((DEVICES,), ("data",), axis_types=(kind,))
+
+
+def layout_specs(tree: Any, layout: str) -> Any:
+    """A ``PartitionSpec`` per leaf: replicated, FSDP (matrices' first axis over ``"data"``)
+    or tensor-parallel (matrices' second axis over ``"model"``); vectors replicated."""
+
+    def spec(x: Any) -> P:
+        if layout == "fsdp" and x.ndim == 2 and x.shape[0] % DEVICES == 0:
+            return P("data")
+        if layout == "tp" and x.ndim == 2:
+            return P(None, "model")
+        return P()
+
+    return jax.tree.map(spec, tree)
+
+
+def place(tree: Any, mesh: jax.sharding.Mesh, specs: Any) -> Any:
+    return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), tree, specs)
+
+
+def shard_batch(batch: Any, mesh: jax.sharding.Mesh) -> Any:
+    return jax.device_put(batch, NamedSharding(mesh, P("data")))
+
+
+def full_spec(x: jax.Array) -> tuple[Any, ...]:
+    """The array's partition spec with an entry per dimension (P("data") is P("data", None))."""
+    spec = tuple(x.sharding.spec)
+    return spec + (None,) * (x.ndim - len(spec))
+
+
+def assert_same_shardings(actual: Any, expected: Any) -> None:
+    assert jax.tree.map(full_spec, actual) == jax.tree.map(full_spec, expected)
+
+
+def _names(entry: Any) -> set[Any]:
+    return set(entry) if isinstance(entry, tuple) else {entry}
+
+
+def unsharded_over(x: jax.Array, axis: str) -> jax.Array:
+    """``x`` resharded to be whole along ``axis`` where its type (Explicit axes) splits it.
+
+    Explicit sharding makes the user say where data moves: a matmul whose contracting
+    dimension is sharded, or a gather from a sharded axis, is a type error in JAX itself.
+    On Auto axes the type carries no sharding and this does nothing.
+    """
+    spec = jax.typeof(x).sharding.spec
+    if not any(axis in _names(e) for e in spec):
+        return x
+    return jax.sharding.reshard(x, P(*(None if axis in _names(e) else e for e in spec)))
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    logp = jax.nn.log_softmax(logits)
+    return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=1))
+
+
+def mesh_loss(params: Any, batch: Any) -> jax.Array:
+    """``helpers.mean_loss`` as an explicit-sharding user writes it: FSDP params gathered
+    before use, the logits' model axis gathered before the label lookup."""
+    params = jax.tree.map(lambda w: unsharded_over(w, "data"), params)
+    logits = MLP().apply(params, batch["x"])
+    return cross_entropy(unsharded_over(logits, "model"), batch["y"])
+
+
+def linen_loss(apply: Any, mb: Any) -> jax.Array:
+    return cross_entropy(unsharded_over(apply(mb["x"]), "model"), mb["y"])
+
+
+@functools.cache
+def _params_on_host() -> Any:
+    return jax.tree.map(np.asarray, init_params())
+
+
+def fresh_params() -> Any:
+    """``helpers.init_params()`` as new arrays (initialised once, outside any mesh context)."""
+    return jax.tree.map(jnp.asarray, _params_on_host())
+
+
+def batches() -> list[dict[str, jax.Array]]:
+    return [digits_batch(N, offset=i * N) for i in range(STEPS)]
+
+
+@pytest.fixture(scope="module")
+def full_batch() -> tuple[jax.Array, Any]:
+    """The full-batch loss and gradient on one device."""
+    return jax.jit(jax.value_and_grad(mean_loss))(fresh_params(), digits_batch(N))
+
+
+ADAM = optax.adam(1e-2)
+
+
+@pytest.fixture(scope="module")
+def adam_run() -> tuple[Any, jax.Array]:
+    """Three full-batch Adam steps on one device, written out: final params and losses."""
+    params, opt_state, losses = fresh_params(), ADAM.init(fresh_params()), []
+    grad_fn = jax.jit(jax.value_and_grad(mean_loss))
+    for batch in batches():
+        loss, grads = grad_fn(params, batch)
+        updates, opt_state = ADAM.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        losses.append(loss)
+    return params, jnp.stack(losses)
+
+
+MESHES = [(a, layout) for a in AXIS_TYPES for layout in LAYOUTS]
+
+
+# --- accumulate, train_step, flax and NNX steps on every mesh -------------------------
+
+
+@pytest.mark.parametrize("data_axis", [None, "data"])
+@pytest.mark.parametrize(("axis_type", "layout"), MESHES)
+def test_accumulate_equals_one_device_on_every_mesh(full_batch, axis_type, layout, data_axis):
+    """With ``data_axis`` jaxaccum runs its own ``shard_map``; without it the loop is left to
+    the compiler under the params' and batch's sharding. Both equal one device."""
+    mesh = make_mesh(axis_type, layout)
+    specs = layout_specs(fresh_params(), layout)
+    params, batch = place(fresh_params(), mesh, specs), shard_batch(digits_batch(N), mesh)
+    kwargs: dict[str, Any] = {}
+    if data_axis:
+        kwargs["data_axis"] = data_axis
+        if axis_type == "auto" and layout == "fsdp":  # traced Auto arrays carry no placement
+            kwargs["in_specs"] = (specs,)
+    with jax.set_mesh(mesh):
+        grad_fn = jax.jit(jaxaccum.accumulate(jax.value_and_grad(mesh_loss), K, **kwargs))
+        out = grad_fn(params, batch)
+        # the loss as written also runs on the full batch on this mesh
+        full = jax.jit(jax.value_and_grad(mesh_loss))(params, batch)
+    assert_trees_close(out, full_batch)
+    assert_trees_close(full, full_batch)
+    if axis_type == "explicit" or (data_axis and layout == "fsdp"):
+        assert_same_shardings(out[1], params)  # FSDP gradients come back sharded P("data")
+
+
+def test_auto_fsdp_without_in_specs_is_exact_but_replicated(full_batch):
+    """On Auto axes a traced array carries no placement: without ``in_specs`` the FSDP params
+    are taken as replicated (gathered at the call), still exact, gradient replicated."""
+    mesh = make_mesh("auto", "fsdp")
+    params = place(fresh_params(), mesh, layout_specs(fresh_params(), "fsdp"))
+    with jax.set_mesh(mesh):
+        grad_fn = jax.jit(jaxaccum.accumulate(jax.value_and_grad(mesh_loss), K, data_axis="data"))
+        loss, grads = grad_fn(params, shard_batch(digits_batch(N), mesh))
+    assert_trees_close((loss, grads), full_batch)
+    assert all(g.sharding.is_fully_replicated for g in jax.tree.leaves(grads))
+
+
+@pytest.mark.parametrize(
+    ("axis_type", "layout", "data_axis"),
+    # every mesh with data_axis; without it, the plain loop under the user's own sharding
+    [(a, layout, "data") for a, layout in MESHES]
+    + [("explicit", "fsdp", None), ("auto", "tp", None)],
+)
+def test_optax_train_step_equals_one_device_on_every_mesh(adam_run, axis_type, layout, data_axis):
+    mesh = make_mesh(axis_type, layout)
+    specs = layout_specs(fresh_params(), layout)
+    params = place(fresh_params(), mesh, specs)
+    kwargs: dict[str, Any] = {}
+    if data_axis:
+        kwargs["data_axis"] = data_axis
+        if axis_type == "auto" and layout == "fsdp":
+            kwargs["param_specs"] = specs
+    step = jaxaccum.train_step(mesh_loss, ADAM, K, **kwargs)
+    state, update, losses = step.init(params), jax.jit(step.update, donate_argnums=0), []
+    with jax.set_mesh(mesh):
+        for batch in batches():
+            state, metrics = update(state, shard_batch(batch, mesh))
+            losses.append(metrics.loss)
+    ref_params, ref_losses = adam_run
+    assert_trees_close(state.params, ref_params)
+    assert_trees_close(jnp.stack(losses), ref_losses)
+    if axis_type == "explicit" or (data_axis and layout == "fsdp"):
+        assert_same_shardings(state.params, params)
+
+
+@pytest.mark.parametrize(("axis_type", "layout"), MESHES)
+def test_flax_train_step_equals_one_device_on_every_mesh(adam_run, axis_type, layout):
+    mesh = make_mesh(axis_type, layout)
+    variables = fresh_params()
+    specs = layout_specs(variables, layout)
+    kwargs = {"param_specs": specs["params"]} if axis_type == "auto" else {}
+    update = jax.jit(jf.train_step(linen_loss, K, data_axis="data", **kwargs), donate_argnums=0)
+    placed = place(variables, mesh, specs)
+    state = jf.TrainState.from_variables(MLP().apply, placed, ADAM)
+    with jax.set_mesh(mesh):
+        for batch in batches():
+            state, _ = update(state, shard_batch(batch, mesh))
+    assert_trees_close(state.params, adam_run[0]["params"])
+    if axis_type == "explicit" or layout == "fsdp":
+        assert_same_shardings(state.params, placed["params"])
+
+
+class NNXMLP(nnx.Module):
+    """``helpers.MLP`` in NNX, starting from the same parameters."""
+
+    def __init__(self, params: Any) -> None:
+        rngs = nnx.Rngs(0)
+        self.inner = nnx.Linear(64, 32, rngs=rngs)
+        self.outer = nnx.Linear(32, 10, rngs=rngs)
+        for layer, name in ((self.inner, "Dense_0"), (self.outer, "Dense_1")):
+            layer.kernel[...] = params["params"][name]["kernel"]
+            layer.bias[...] = params["params"][name]["bias"]
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.outer(nnx.relu(self.inner(x)))
+
+    def as_linen(self) -> Any:
+        layers = {"Dense_0": self.inner, "Dense_1": self.outer}
+        return {
+            "params": {
+                name: {"kernel": layer.kernel[...], "bias": layer.bias[...]}
+                for name, layer in layers.items()
+            }
+        }
+
+
+def nnx_loss(model: NNXMLP, mb: Any) -> jax.Array:
+    return cross_entropy(unsharded_over(model(mb["x"]), "model"), mb["y"])
+
+
+@pytest.mark.parametrize(("axis_type", "layout"), MESHES)
+def test_nnx_train_step_equals_one_device_on_every_mesh(adam_run, axis_type, layout):
+    mesh = make_mesh(axis_type, layout)
+    model = NNXMLP(fresh_params())
+    state = nnx.state(model)
+    specs = layout_specs(state, layout)
+    kwargs = {"param_specs": specs} if axis_type == "auto" else {}
+    update = nnx.jit(jf.nnx_train_step(nnx_loss, K, data_axis="data", **kwargs))
+    nnx.update(model, place(state, mesh, specs))
+    placed = model.as_linen()
+    optimizer = nnx.Optimizer(model, ADAM, wrt=nnx.Param)
+    with jax.set_mesh(mesh):
+        for batch in batches():
+            update(model, optimizer, shard_batch(batch, mesh))
+    assert_trees_close(model.as_linen(), adam_run[0])
+    if axis_type == "explicit" or layout == "fsdp":
+        assert_same_shardings(model.as_linen(), placed)
+
+
+# --- inside the user's own shard_map ---------------------------------------------------
+
+
+def pmeaned_loss(params: Any, batch: Any) -> jax.Array:
+    return jax.lax.pmean(mean_loss(params, batch), "data")
+
+
+@pytest.mark.parametrize("axis_type", list(AXIS_TYPES))
+def test_step_that_pmeans_itself_inside_shard_map(full_batch, axis_type):
+    """No option: a plain loop per device; the step's own pmean runs per micro-batch."""
+    mesh = make_mesh(axis_type, "replicated")
+    step = jaxaccum.accumulate(jax.value_and_grad(pmeaned_loss), K)
+    fn = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P("data")), out_specs=P()))
+    params, batch = fresh_params(), shard_batch(digits_batch(N), mesh)
+    with jax.set_mesh(mesh):
+        out = fn(params, batch)
+        report = jaxaccum.collectives(fn, params, batch)
+    assert_trees_close(out, full_batch)
+    assert report.counts(in_loop=True).get("all-reduce", 0) >= 1, report
+
+
+@pytest.mark.parametrize("axis_type", list(AXIS_TYPES))
+def test_axis_name_inside_shard_map_reduces_once_after_the_loop(full_batch, axis_type):
+    """``axis_name=``: a plain loss; jaxaccum combines over the bound axis after the loop."""
+    mesh = make_mesh(axis_type, "replicated")
+    step = jaxaccum.accumulate(jax.value_and_grad(mean_loss), K, axis_name="data")
+    fn = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P("data")), out_specs=P()))
+    params, batch = fresh_params(), shard_batch(digits_batch(N), mesh)
+    with jax.set_mesh(mesh):
+        out = fn(params, batch)
+        report = jaxaccum.collectives(fn, params, batch)
+    assert_trees_close(out, full_batch)
+    assert report.in_loop == (), report
+    reduced = sum(c.bytes for c in report.outside_loop if c.op == "all-reduce")
+    assert reduced == nbytes(fresh_params()) + 4, report  # the gradient and the loss, once
+
+
+def nbytes(tree: Any) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+# --- Flax ImageNet-style pmap loop -----------------------------------------------------
+
+
+class BNNet(nn.Module):
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        x = nn.Dense(32)(x)
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, axis_name=self.axis_name)(x)
+        return nn.Dense(10)(nn.relu(x))
+
+
+def bn_loss(apply: Any, mb: Any) -> jax.Array:
+    return cross_entropy(apply(mb["x"], train=True), mb["y"])
+
+
+@functools.cache
+def _bn_variables_on_host() -> Any:
+    init = jax.jit(functools.partial(BNNet().init, train=False))
+    return jax.tree.map(np.asarray, init(jax.random.key(0), jnp.zeros((2, 64))))
+
+
+def bn_state(axis_name: str | None) -> Any:
+    # SGD with momentum, not Adam: the first Dense's bias feeds a BatchNorm, so its true
+    # gradient is 0 and Adam would blow its round-off up to full-size steps.
+    variables = jax.tree.map(jnp.asarray, _bn_variables_on_host())
+    return jf.TrainState.from_variables(
+        BNNet(axis_name).apply, variables, optax.sgd(0.1, momentum=0.9)
+    )
+
+
+def per_device(batch: Any) -> Any:
+    """The batch as ``pmap`` takes it: (devices, N / devices, ...), contiguous shards."""
+    return jax.tree.map(lambda x: x.reshape(DEVICES, N // DEVICES, *x.shape[1:]), batch)
+
+
+def first_replica(tree: Any) -> Any:
+    return jax.tree.map(lambda x: x[0], tree)
+
+
+def replica_spread(tree: Any) -> float:
+    return max(float(jnp.max(jnp.abs(x - x[:1]))) for x in jax.tree.leaves(tree))
+
+
+def test_pmap_synchronised_batchnorm_three_steps_equal_one_device():
+    """``BatchNorm(axis_name="batch")`` under ``pmap``: device d's strided micro-batch j is
+    examples 16d + j + 4i, so micro-batch j over all devices is examples j, j+4, ... — one
+    device's strided micro-batch j, whose statistics the synchronised BatchNorm computes."""
+    one, update = bn_state(None), jax.jit(jf.train_step(bn_loss, K))
+    many = jax_utils.replicate(bn_state("batch"))
+    pupdate = jax.pmap(jf.train_step(bn_loss, K, axis_name="batch"), axis_name="batch")
+    for batch in batches():
+        one, metrics = update(one, batch)
+        many, many_metrics = pupdate(many, per_device(batch))
+    assert_trees_close(first_replica(many_metrics.loss), metrics.loss)
+    assert_trees_close(first_replica(many.params), one.params)
+    assert_trees_close(first_replica(many.collections), one.collections)
+    assert replica_spread((many.params, many.collections)) == 0.0
+    # negative control: without axis_name every replica follows its own gradient
+    naive = jax.pmap(jf.train_step(bn_loss, K), axis_name="batch")
+    naive_state, _ = naive(jax_utils.replicate(bn_state("batch")), per_device(batches()[0]))
+    assert replica_spread(naive_state.params) > 1e-3
+
+
+def test_pmap_flax_step_reduces_every_output_once_after_the_loop():
+    state = jf.TrainState.from_variables(MLP().apply, fresh_params(), ADAM)
+    pupdate = jax.pmap(jf.train_step(linen_loss, K, axis_name="batch"), axis_name="batch")
+    report = jaxaccum.collectives(pupdate, jax_utils.replicate(state), per_device(digits_batch(N)))
+    assert report.in_loop == (), report
+    reduced = sum(c.bytes for c in report.outside_loop if c.op == "all-reduce")
+    # gradient, loss sum, weight, the k per-micro-batch losses, the all-finite flag (int32)
+    assert reduced == nbytes(fresh_params()) + 4 + 4 + 4 * K + 4, report
+
+
+def test_pmap_optax_train_step_equals_one_device(adam_run):
+    step = jaxaccum.train_step(mean_loss, ADAM, K, axis_name="batch")
+    state = jax_utils.replicate(step.init(fresh_params()))
+    pupdate = jax.pmap(step.update, axis_name="batch")
+    losses = []
+    for batch in batches():
+        state, metrics = pupdate(state, per_device(batch))
+        losses.append(metrics.loss[0])
+    assert_trees_close(first_replica(state.params), adam_run[0])
+    assert_trees_close(jnp.stack(losses), adam_run[1])
+    assert replica_spread(state.params) == 0.0
+
+
+# --- FSDP: memory and communication of the two strategies (compiled, nothing run) ------
+
+WIDTHS = (256, 1024, 1024, 256)
+BIG_N = 1024
+
+
+def big_inputs(mesh: jax.sharding.Mesh) -> tuple[Any, Any]:
+    """Abstract FSDP params (every leaf's first axis over ``"data"``) and a sharded batch."""
+
+    def sharded(*shape: int) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(shape, jnp.float32, sharding=NamedSharding(mesh, P("data")))
+
+    params = [{"w": sharded(a, b), "b": sharded(b)} for a, b in itertools.pairwise(WIDTHS)]
+    return params, {"x": sharded(BIG_N, WIDTHS[0]), "y": sharded(BIG_N, WIDTHS[-1])}
+
+
+def mse(params: Any, batch: Any) -> jax.Array:
+    x = batch["x"]
+    for i, layer in enumerate(params):
+        x = x @ layer["w"] + layer["b"]
+        x = jax.nn.relu(x) if i < len(params) - 1 else x
+    return jnp.mean((x - batch["y"]) ** 2)
+
+
+def plain_fsdp_step(state: jaxaccum.TrainState, batch: Any) -> jaxaccum.TrainState:
+    """The FSDP Adam step without accumulation: params gathered where used, as
+    explicit-sharding users write it, the gradient left to the compiler."""
+
+    def loss(params: Any) -> jax.Array:
+        return mse(jax.tree.map(lambda w: unsharded_over(w, "data"), params), batch)
+
+    updates, opt_state = ADAM.update(jax.grad(loss)(state.params), state.opt_state, state.params)
+    return state._replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state)
+
+
+def peak(stats: jaxaccum.MemoryStats) -> int:
+    return stats.argument_bytes + stats.output_bytes + stats.temp_bytes - stats.alias_bytes
+
+
+def big_step(k: int, fsdp: str) -> Any:
+    return jaxaccum.train_step(mse, ADAM, k, data_axis="data", fsdp=fsdp)
+
+
+def test_fsdp_per_microbatch_memory_falls_with_k_below_the_plain_step():
+    """Per-device peak (arguments + outputs + temporaries - aliased, state donated): at k=8
+    no more than the FSDP step without accumulation, falling with k, below gather_once."""
+    mesh = make_mesh("explicit", "fsdp")
+    params, batch = big_inputs(mesh)
+    state = jax.eval_shape(big_step(1, "per_microbatch").init, params)
+    steps = {
+        "plain": plain_fsdp_step,
+        **{("per_microbatch", k): big_step(k, "per_microbatch").update for k in (2, 4, 8)},
+        ("gather_once", 8): big_step(8, "gather_once").update,
+    }
+    with jax.set_mesh(mesh):
+        peaks = {
+            name: peak(jaxaccum.compiled_memory(jax.jit(fn, donate_argnums=0), state, batch))
+            for name, fn in steps.items()
+        }
+    per_microbatch = [peaks["per_microbatch", k] for k in (2, 4, 8)]
+    assert per_microbatch[2] <= peaks["plain"], peaks
+    assert per_microbatch == sorted(per_microbatch, reverse=True), peaks
+    assert peaks["gather_once", 8] > peaks["per_microbatch", 8], peaks
+
+
+@pytest.mark.parametrize("fsdp", ["per_microbatch", "gather_once"])
+def test_fsdp_gathers_and_reduce_scatters_where_the_strategy_says(fsdp):
+    """per_microbatch: all-gathers and reduce-scatters in the loop; gather_once: once each,
+    outside it."""
+    mesh = make_mesh("explicit", "fsdp")
+    params, batch = big_inputs(mesh)
+    with jax.set_mesh(mesh):
+        step = big_step(8, fsdp)
+        state = jax.eval_shape(step.init, params)
+        report = jaxaccum.collectives(jax.jit(step.update, donate_argnums=0), state, batch)
+    where = report.in_loop if fsdp == "per_microbatch" else report.outside_loop
+    elsewhere = report.outside_loop if fsdp == "per_microbatch" else report.in_loop
+    moved = {
+        op: sum(c.bytes for c in where if c.op == op) for op in ("all-gather", "reduce-scatter")
+    }
+    # every parameter gathered whole, every gradient leaf reduce-scattered to its shard
+    assert moved == {"all-gather": nbytes(params), "reduce-scatter": nbytes(params) // DEVICES}
+    assert not any(c.op in moved for c in elsewhere), report
+    # and never all-reduced in full and sliced: only scalars are all-reduced
+    smallest = min(x.size * 4 for x in jax.tree.leaves(params))
+    assert all(c.bytes < smallest for c in report.collectives if c.op == "all-reduce"), report
+
+
+def test_plan_counts_the_per_device_accumulator():
+    """Both strategies planned at once: the accumulator is one device's, a gradient shard
+    for per_microbatch, a whole gradient for gather_once."""
+    mesh = make_mesh("explicit", "fsdp")
+    params, batch = big_inputs(mesh)
+    state = jax.eval_shape(big_step(1, "per_microbatch").init, params)
+    with jax.set_mesh(mesh):
+        plan = jaxaccum.plan_microbatches(
+            lambda k, fsdp: big_step(k, fsdp).update,
+            state,
+            batch,
+            budget=2**40,
+            ks=(8,),
+            donate_argnums=0,
+            compile_all=True,
+            strategies=("per_microbatch", "gather_once"),
+        )
+    grads = nbytes(params)  # float32, like the accumulator
+    # the loop also carries the loss sum (f32), the weight sum (f32), the all-finite flag
+    # (bool) and the micro-batch index (int32)
+    scalars = 4 + 4 + 1 + 4
+    accumulators = {c.strategy: c.accumulator_bytes for c in plan.candidates}
+    assert accumulators == {
+        "per_microbatch": grads // DEVICES + scalars,
+        "gather_once": grads + scalars,
+    }, plan
+
+
+# --- errors ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_batch_not_on_the_mesh_names_the_leaf_and_the_fix(jit):
+    """An unplaced batch on an Explicit mesh: a committed array outside jit, a replicated
+    type inside it."""
+    mesh = make_mesh("explicit", "replicated")
+    fn = jaxaccum.accumulate(jax.value_and_grad(mean_loss), K, data_axis="data")
+    fn = jax.jit(fn) if jit else fn
+    with jax.set_mesh(mesh), pytest.raises(ValueError, match=r"batch leaf \S*\['x'\].*device_put"):
+        fn(fresh_params(), digits_batch(N))
+
+
+def test_mesh_without_the_axis_lists_its_axes():
+    mesh = make_mesh("explicit", "tp")
+    fn = jaxaccum.accumulate(jax.value_and_grad(mean_loss), K, data_axis="batch", mesh=mesh)
+    with pytest.raises(ValueError, match=r"\['batch'\] are not axes.*\['data', 'model'\]"):
+        fn(fresh_params(), shard_batch(digits_batch(N), mesh))
+
+
+@pytest.mark.parametrize(
+    ("data_axis", "spec", "match"),
+    [
+        ("data", P(("data", "model")), "mixes the data axes"),
+        (("data", "model"), P("data", "model"), "more than one dimension"),
+    ],
+    ids=["data-and-model-on-one-dimension", "data-axes-on-two-dimensions"],
+)
+def test_param_layout_the_loop_cannot_gather_names_the_leaf_and_the_fix(data_axis, spec, match):
+    """A dimension split over the data axis and another axis, or the data axes (here
+    ``("data", "model")``, as one axis cannot shard two dimensions) over two dimensions."""
+    mesh = make_mesh("explicit", "tp")
+    params = fresh_params()
+    kernel = params["params"]["Dense_0"]["kernel"]
+    params["params"]["Dense_0"]["kernel"] = jax.device_put(kernel, NamedSharding(mesh, spec))
+    fn = jaxaccum.accumulate(jax.value_and_grad(mesh_loss), 2, data_axis=data_axis)
+    batch = jax.device_put(digits_batch(N), NamedSharding(mesh, P(data_axis)))
+    leaf = r"\['params'\]\['Dense_0'\]\['kernel'\]"
+    with (
+        jax.set_mesh(mesh),
+        pytest.raises(ValueError, match=rf"{leaf}.*{match}.*P\('data', None\)"),
+    ):
+        fn(params, batch)
+
+
+def test_axis_name_outside_shard_map_or_pmap():
+    fn = jaxaccum.accumulate(jax.value_and_grad(mean_loss), K, axis_name="data")
+    with pytest.raises(ValueError, match=r"axis_name=\('data',\) is not bound.*shard_map"):
+        fn(fresh_params(), digits_batch(N))
+
+
+def test_data_axis_and_axis_name_together():
+    with pytest.raises(ValueError, match="not both"):
+        jaxaccum.accumulate(jax.value_and_grad(mean_loss), K, data_axis="data", axis_name="data")
