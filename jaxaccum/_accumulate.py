@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import math
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -12,10 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxaccum import _args, _cpu_conv, _reduce, _sharding, _split
+from jaxaccum import _args, _cpu_conv, _devices, _layouts, _reduce, _sharding, _split
 from jaxaccum._args import ArgRef, BoundCall
+from jaxaccum._devices import Local
 from jaxaccum._reduce import Reduce
-from jaxaccum._sharding import FSDP, DataAxis, DataParallel
+from jaxaccum._sharding import FSDP, DataAxis
 from jaxaccum._split import Split
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -312,194 +311,14 @@ def accumulate(
     def accumulated(*args: Any, **kwargs: Any) -> Any:
         call = BoundCall(args, kwargs)
         if dp is not None and not dp.bound:
-            return _run_sharded(run, call, roles, k, split, dp)
+            return _devices.run_sharded(run, call, roles, k, split, dp, SCOPE)
         with jax.named_scope(SCOPE):
             if dp is None:
                 return run(call)
-            local = _bound(dp)
-            return run(_varying(call, roles["batch"], dp.axes), local=local)
+            local = _devices.bound(dp)
+            return run(_devices.varying(call, roles["batch"], dp.axes), local=local)
 
     return accumulated  # type: ignore[return-value]
-
-
-def _bound(dp: DataParallel) -> Local:
-    """The loop's relation to axes the caller bound (its ``shard_map`` or ``pmap``)."""
-    try:
-        devices = math.prod(jax.lax.axis_size(a) for a in dp.axes)
-    except NameError as err:
-        raise ValueError(
-            f"axis_name={dp.axes!r} is not bound here ({err}); call the step inside the "
-            "jax.shard_map or jax.pmap that binds it, or use data_axis= to let jaxaccum "
-            "run its own shard_map over a mesh."
-        ) from None
-    return Local(dp.axes, devices, dp.fsdp)
-
-
-@dataclasses.dataclass
-class Local:
-    """How one device's loop relates to the data axes (inside ``shard_map`` or ``pmap``).
-
-    Attributes:
-      axes: the data axes the outputs are combined over after the loop.
-      devices: the number of devices along them.
-      fsdp: the strategy for arguments sharded over the axes.
-      layouts: per argument (a ref by position or keyword), a pytree of
-        ``_sharding.Sharded`` or None leaves: which leaves arrive as shards.
-      gathered: whether those leaves were already gathered before the loop.
-      out_layouts: set by the loop: per result leaf, the layout it leaves in.
-    """
-
-    axes: tuple[str, ...]
-    devices: int
-    fsdp: FSDP = "per_microbatch"
-    layouts: dict[ArgRef, Any] = dataclasses.field(default_factory=dict)
-    gathered: bool = False
-    out_layouts: list[Any] = dataclasses.field(default_factory=list)
-
-    def splits(self) -> bool:
-        """Whether any argument leaf arrives as shards over the data axes."""
-        leaves = jax.tree.leaves(list(self.layouts.values()), is_leaf=_none)
-        return any(lay is not None and lay.split for lay in leaves)
-
-    def gather(self, call: BoundCall, j: Any = None) -> BoundCall:
-        """The call with every sharded argument leaf gathered in full.
-
-        Given the loop index ``j``, the shards are tied to it first, so that the compiler
-        cannot hoist the all-gathers out of the loop (which would keep every gathered
-        parameter alive across all micro-batches).
-        """
-        refs = list(self.layouts)
-        shards = [call.get(ref, "argument") for ref in refs]
-        if j is not None:
-            shards, _ = jax.lax.optimization_barrier((shards, j))
-        values = {
-            ref: jax.tree.map(_sharding.gather, x, self.layouts[ref], is_leaf=_none)
-            for ref, x in zip(refs, shards, strict=True)
-        }
-        return call.with_values(values)
-
-    def candidates(self, call: BoundCall) -> list[tuple[Any, Any]]:
-        """``(full-size shapes, layouts)`` of each argument, for matching its gradient."""
-
-        def full(x: Any, lay: _sharding.Sharded | None) -> jax.ShapeDtypeStruct:
-            shape = list(np.shape(x))
-            if lay is not None and lay.dim is not None and not self.gathered:
-                shape[lay.dim] *= math.prod(jax.lax.axis_size(a) for a in lay.axes)
-            return jax.ShapeDtypeStruct(tuple(shape), jnp.float32)
-
-        return [
-            (jax.tree.map(full, call.get(ref, "argument"), tree, is_leaf=_none), tree)
-            for ref, tree in self.layouts.items()
-        ]
-
-
-def _none(x: Any) -> bool:
-    return x is None
-
-
-def _run_sharded(
-    run: Callable[..., Any],
-    call: BoundCall,
-    roles: dict[str, tuple[ArgRef, ...]],
-    k: int,
-    split: Split,
-    dp: DataParallel,
-) -> Any:
-    """``run`` under ``shard_map``: a local scan per device, outputs combined after it."""
-    mesh = dp.resolve_mesh()
-    shards = dp.size(mesh)
-    batch_refs = roles["batch"]
-    batch = {ref.label: call.get(ref, "batch") for ref in batch_refs}
-    _sharding.check_batch_placed(batch, dp, mesh)
-    if split == "presplit":
-        batch = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), batch)
-    n = _split.leading_size(batch)
-    first = next(p for label, t in batch.items() for p, _ in _split.leaves_with_paths(t, label))
-    _sharding.check_shards(n, 1 if split == "presplit" else k, shards, first)
-    layouts = _arg_layouts(call, roles, dp)
-    specs: dict[ArgRef, Any] = {
-        ref: jax.tree.map(
-            lambda x, lay: _sharding.in_spec(lay, np.ndim(x)),
-            call.get(ref, "argument"),
-            tree,
-            is_leaf=_none,
-        )
-        for ref, tree in layouts.items()
-    }
-    specs.update({ref: _sharding.batch_spec(dp, split == "presplit") for ref in batch_refs})
-    replicated = jax.sharding.PartitionSpec()
-    arg_specs, kwarg_specs = BoundCall(
-        tuple(replicated for _ in call.args), dict.fromkeys(call.kwargs, replicated)
-    ).replaced(specs)
-    laid_out = [lay for lay in jax.tree.leaves(list(layouts.values()), is_leaf=_none) if lay]
-    sharded = any(lay.split for lay in laid_out)
-    found: list[Any] = []
-
-    def local(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        where = Local(dp.axes, shards, dp.fsdp, layouts if laid_out else {})
-        inner = BoundCall(args, kwargs)
-        with jax.named_scope(SCOPE):
-            if sharded and dp.fsdp == "gather_once":
-                inner, where.gathered = where.gather(inner), True
-            result = run(inner, local=where)
-        treedef: Any
-        flat, treedef = jax.tree.flatten(result)
-        specs = [
-            _sharding.in_spec(lay, np.ndim(x))
-            for x, lay in zip(flat, where.out_layouts, strict=True)
-        ]
-        found[:] = [treedef.unflatten(specs)]
-        return result
-
-    def mapped(out_specs: Any) -> Callable[..., Any]:
-        return jax.shard_map(
-            local,
-            mesh=mesh,
-            in_specs=(tuple(arg_specs), kwarg_specs),
-            out_specs=out_specs,
-            axis_names=set(dp.axes),
-            check_vma=False,
-        )
-
-    args = (_sharding.as_array_tree(tuple(call.args)), _sharding.as_array_tree(call.kwargs))
-    if not sharded:
-        return mapped(replicated)(*args)
-    # Gradients of sharded arguments leave sharded; which outputs they are is known once
-    # the step has been traced, so the specs are found by an abstract trace first.
-    jax.eval_shape(mapped(replicated), *args)
-    return mapped(found[0])(*args)
-
-
-def _arg_layouts(
-    call: BoundCall, roles: dict[str, tuple[ArgRef, ...]], dp: DataParallel
-) -> dict[ArgRef, Any]:
-    """Per non-batch argument passed, which leaves are sharded over the data axes.
-
-    Raises:
-      ValueError: for carried state or keys sharded over the data axes, or a layout the
-        loop cannot gather and reduce-scatter.
-    """
-    role_of = {call.locate(ref, role): role for role, refs in roles.items() for ref in refs}
-    given = dp.in_specs
-    layouts = {}
-    for ref in call.refs():
-        role = role_of.get(ref, "argument")
-        if role == "batch":
-            continue
-        spec = None
-        if given is not None and ref.num is not None and ref.num < len(given):
-            spec = given[ref.num]
-        tree = _sharding.arg_layouts(call.get(ref, role), spec, dp.axes, ref.label)
-        if role != "argument":
-            if any(lay is not None for lay in jax.tree.leaves(tree, is_leaf=_none)):
-                raise ValueError(
-                    f"{role} argument {ref.label} is sharded over the data axes {dp.axes}, "
-                    "but carried state and keys are replicated over them; replicate it: "
-                    "jax.device_put(value, NamedSharding(mesh, P()))."
-                )
-            continue
-        layouts[ref] = tree
-    return layouts
 
 
 def _typed(x: jax.Array, aval: Any) -> jax.Array:
@@ -507,7 +326,7 @@ def _typed(x: jax.Array, aval: Any) -> jax.Array:
     sharding = getattr(aval, "sharding", None)
     mesh = getattr(sharding, "mesh", None)
     spec = getattr(sharding, "spec", None)
-    if mesh is not None and not mesh.empty and _sharding.explicit_in(spec, mesh):
+    if mesh is not None and not mesh.empty and _layouts.explicit_in(spec, mesh):
         x = jax.sharding.reshard(x, sharding)
     varying = tuple(getattr(getattr(aval, "mat", None), "varying", ()) or ())
     if varying:
@@ -576,11 +395,12 @@ def _run(
     treedef: Any
     flat_r, treedef = jax.tree.flatten(reductions, is_leaf=lambda x: isinstance(x, Reduce))
     flat_avals = treedef.flatten_up_to(out_avals)
-    flat_lay = _out_layouts(local, call, out_avals, flat_r, treedef)
+    flat_lay = _devices.out_layouts(local, call, out_avals, flat_r, treedef)
     scatter_now = [lay is not None and lay.split and gather_in_loop for lay in flat_lay]
     accs = [
-        _sharding.constrain(
-            _typed(_reduce.init(r, _shard_shape(a, lay if now else None), accum_dtype), a), lay
+        _layouts.constrain(
+            _typed(_reduce.init(r, _devices.shard_shape(a, lay if now else None), accum_dtype), a),
+            lay,
         )
         for r, a, lay, now in zip(flat_r, flat_avals, flat_lay, scatter_now, strict=True)
     ]
@@ -602,7 +422,7 @@ def _run(
         w = None if w is None else jnp.asarray(w).astype(w_dtype)
         flat_out = treedef.flatten_up_to(out)
         accs = [
-            _sharding.constrain(_update(r, a, x, w, lay if now else None), lay)
+            _layouts.constrain(_devices.update(r, a, x, w, lay if now else None), lay)
             for r, a, x, lay, now in zip(flat_r, accs, flat_out, flat_lay, scatter_now, strict=True)
         ]
         stacked = [x if r is Reduce.STACK else None for r, x in zip(flat_r, flat_out, strict=True)]
@@ -622,7 +442,7 @@ def _run(
     if local is not None:
         axes = local.axes
         accs = [
-            a if now else _combine(r, a, ws, axes, lay)
+            a if now else _devices.combine(r, a, ws, axes, lay)
             for r, a, lay, now in zip(flat_r, accs, flat_lay, scatter_now, strict=True)
         ]
         count = k * local.devices
@@ -641,80 +461,9 @@ def _run(
     return result
 
 
-def _vary(x: Any, axes: Sequence[str]) -> Any:
-    """``x`` marked as varying over ``axes`` (no-op outside ``check_vma`` tracing)."""
-    if not hasattr(x, "dtype"):
-        return x
-    have = set(getattr(getattr(jax.typeof(x), "mat", None), "varying", ()) or ())
-    extra = tuple(a for a in axes if a not in have)
-    return jax.lax.pcast(x, extra, to="varying") if extra else x
-
-
 def _join_varying(x: Any, aval: Any) -> Any:
     """Initial carried state made as varying as the state the step returns."""
-    return _vary(x, tuple(getattr(getattr(aval, "mat", None), "varying", ()) or ()))
-
-
-def _varying(call: BoundCall, batch_refs: Sequence[ArgRef], axes: Sequence[str]) -> BoundCall:
-    """Non-batch arguments marked as varying over the caller's data axes.
-
-    Under ``shard_map(check_vma=True)`` the gradient with respect to an argument that is
-    the same on every device is summed over the devices by ``jax.grad`` itself, at every
-    micro-batch. Marked varying, each device keeps its own gradient and the loop
-    combines them once, after the last micro-batch.
-    """
-    batch = {call.locate(ref, "batch") for ref in batch_refs}
-    values = {
-        ref: jax.tree.map(lambda x: _vary(x, axes), call.get(ref, "argument"))
-        for ref in call.refs()
-        if ref not in batch
-    }
-    return call.with_values(values)
-
-
-def _out_layouts(
-    local: Local | None, call: BoundCall, out_avals: Any, flat_r: list[Reduce], treedef: Any
-) -> list[Any]:
-    """Per output leaf, the layout of the sharded argument it is the gradient of, or None.
-
-    Only floating outputs that are averaged or summed are kept sharded (reduce-scattered).
-    """
-    if local is None or not local.layouts:
-        return [None] * len(flat_r)
-    matched = _sharding.match_outputs(out_avals, local.candidates(call))
-    flat = treedef.flatten_up_to(
-        jax.tree.map(lambda x: x, matched, is_leaf=lambda x: x is None or _is_sharded(x))
-    )
-    summing = (Reduce.MEAN, Reduce.WEIGHTED_MEAN, Reduce.SUM)
-    return [
-        lay if r in summing and jnp.issubdtype(a.dtype, jnp.inexact) else None
-        for lay, r, a in zip(flat, flat_r, treedef.flatten_up_to(out_avals), strict=True)
-    ]
-
-
-def _is_sharded(x: Any) -> bool:
-    return isinstance(x, _sharding.Sharded)
-
-
-def _shard_shape(aval: Any, layout: _sharding.Sharded | None) -> jax.ShapeDtypeStruct:
-    shape = list(aval.shape)
-    if layout is not None and layout.dim is not None:
-        shape[layout.dim] //= math.prod(jax.lax.axis_size(a) for a in layout.axes)
-    return jax.ShapeDtypeStruct(tuple(shape), aval.dtype)
-
-
-def _update(r: Reduce, acc: jax.Array, x: jax.Array, w: jax.Array | None, layout: Any) -> jax.Array:
-    """Folds one micro-batch in; a sharded gradient is reduce-scattered into its shard."""
-    if layout is None:
-        return _reduce.update(r, acc, x, w)
-    return acc + _sharding.scatter(_reduce.contribution(r, x, w, acc.dtype), layout)
-
-
-def _combine(r: Reduce, acc: jax.Array, ws: Any, axes: tuple[str, ...], layout: Any) -> jax.Array:
-    """After the loop: one collective per output (a reduce-scatter for sharded gradients)."""
-    if layout is None or not layout.split:
-        return _sharding.constrain(_sharding.combine(r, acc, ws, axes), layout)
-    return _sharding.scatter(acc, layout)
+    return _devices.vary(x, tuple(getattr(getattr(aval, "mat", None), "varying", ()) or ()))
 
 
 def _unpack_state(result: Any, n: int) -> tuple[Any, tuple[Any, ...]]:

@@ -1,0 +1,283 @@
+"""One device's micro-batch loop among many: data axes, sharded arguments, axes bound by the caller.
+
+:func:`run_sharded` runs the loop under ``jax.shard_map`` over the data axes
+(``data_axis=``); :func:`bound` describes a loop inside the caller's own ``shard_map`` or
+``pmap`` (``axis_name=``). Either way the loop gets a :class:`Local`: the axes to combine
+outputs over after the loop, and the layouts of arguments sharded over them (FSDP), which
+are gathered per micro-batch or once, and whose gradients leave reduce-scattered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxaccum import _layouts, _reduce, _sharding, _split
+from jaxaccum._args import ArgRef, BoundCall
+from jaxaccum._layouts import (
+    Sharded,
+    check_batch_placed,
+    constrain,
+    gather,
+    in_spec,
+    match_outputs,
+    scatter,
+)
+from jaxaccum._reduce import Reduce
+from jaxaccum._sharding import FSDP, DataParallel
+from jaxaccum._split import Split
+
+
+def bound(dp: DataParallel) -> Local:
+    """The loop's relation to axes the caller bound (its ``shard_map`` or ``pmap``)."""
+    try:
+        devices = math.prod(jax.lax.axis_size(a) for a in dp.axes)
+    except NameError as err:
+        raise ValueError(
+            f"axis_name={dp.axes!r} is not bound here ({err}); call the step inside the "
+            "jax.shard_map or jax.pmap that binds it, or use data_axis= to let jaxaccum "
+            "run its own shard_map over a mesh."
+        ) from None
+    return Local(dp.axes, devices, dp.fsdp)
+
+
+@dataclasses.dataclass
+class Local:
+    """How one device's loop relates to the data axes (inside ``shard_map`` or ``pmap``).
+
+    Attributes:
+      axes: the data axes the outputs are combined over after the loop.
+      devices: the number of devices along them.
+      fsdp: the strategy for arguments sharded over the axes.
+      layouts: per argument (a ref by position or keyword), a pytree of
+        ``Sharded`` or None leaves: which leaves arrive as shards.
+      gathered: whether those leaves were already gathered before the loop.
+      out_layouts: set by the loop: per result leaf, the layout it leaves in.
+    """
+
+    axes: tuple[str, ...]
+    devices: int
+    fsdp: FSDP = "per_microbatch"
+    layouts: dict[ArgRef, Any] = dataclasses.field(default_factory=dict)
+    gathered: bool = False
+    out_layouts: list[Any] = dataclasses.field(default_factory=list)
+
+    def splits(self) -> bool:
+        """Whether any argument leaf arrives as shards over the data axes."""
+        leaves = jax.tree.leaves(list(self.layouts.values()), is_leaf=_none)
+        return any(lay is not None and lay.split for lay in leaves)
+
+    def gather(self, call: BoundCall, j: Any = None) -> BoundCall:
+        """The call with every sharded argument leaf gathered in full.
+
+        Given the loop index ``j``, the shards are tied to it first, so that the compiler
+        cannot hoist the all-gathers out of the loop (which would keep every gathered
+        parameter alive across all micro-batches).
+        """
+        refs = list(self.layouts)
+        shards = [call.get(ref, "argument") for ref in refs]
+        if j is not None:
+            shards, _ = jax.lax.optimization_barrier((shards, j))
+        values = {
+            ref: jax.tree.map(gather, x, self.layouts[ref], is_leaf=_none)
+            for ref, x in zip(refs, shards, strict=True)
+        }
+        return call.with_values(values)
+
+    def candidates(self, call: BoundCall) -> list[tuple[Any, Any]]:
+        """``(full-size shapes, layouts)`` of each argument, for matching its gradient."""
+
+        def full(x: Any, lay: Sharded | None) -> jax.ShapeDtypeStruct:
+            shape = list(np.shape(x))
+            if lay is not None and lay.dim is not None and not self.gathered:
+                shape[lay.dim] *= math.prod(jax.lax.axis_size(a) for a in lay.axes)
+            return jax.ShapeDtypeStruct(tuple(shape), jnp.float32)
+
+        return [
+            (jax.tree.map(full, call.get(ref, "argument"), tree, is_leaf=_none), tree)
+            for ref, tree in self.layouts.items()
+        ]
+
+
+def _none(x: Any) -> bool:
+    return x is None
+
+
+def run_sharded(
+    run: Callable[..., Any],
+    call: BoundCall,
+    roles: dict[str, tuple[ArgRef, ...]],
+    k: int,
+    split: Split,
+    dp: DataParallel,
+    scope: str,
+) -> Any:
+    """``run`` under ``shard_map``: a local scan per device, outputs combined after it."""
+    mesh = dp.resolve_mesh()
+    shards = dp.size(mesh)
+    batch_refs = roles["batch"]
+    batch = {ref.label: call.get(ref, "batch") for ref in batch_refs}
+    check_batch_placed(batch, dp, mesh)
+    if split == "presplit":
+        batch = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), batch)
+    n = _split.leading_size(batch)
+    first = next(p for label, t in batch.items() for p, _ in _split.leaves_with_paths(t, label))
+    _sharding.check_shards(n, 1 if split == "presplit" else k, shards, first)
+    layouts = arg_layouts(call, roles, dp)
+    specs: dict[ArgRef, Any] = {
+        ref: jax.tree.map(
+            lambda x, lay: in_spec(lay, np.ndim(x)),
+            call.get(ref, "argument"),
+            tree,
+            is_leaf=_none,
+        )
+        for ref, tree in layouts.items()
+    }
+    specs.update({ref: _sharding.batch_spec(dp, split == "presplit") for ref in batch_refs})
+    replicated = jax.sharding.PartitionSpec()
+    arg_specs, kwarg_specs = BoundCall(
+        tuple(replicated for _ in call.args), dict.fromkeys(call.kwargs, replicated)
+    ).replaced(specs)
+    laid_out = [lay for lay in jax.tree.leaves(list(layouts.values()), is_leaf=_none) if lay]
+    sharded = any(lay.split for lay in laid_out)
+    found: list[Any] = []
+
+    def local(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        where = Local(dp.axes, shards, dp.fsdp, layouts if laid_out else {})
+        inner = BoundCall(args, kwargs)
+        with jax.named_scope(scope):
+            if sharded and dp.fsdp == "gather_once":
+                inner, where.gathered = where.gather(inner), True
+            result = run(inner, local=where)
+        treedef: Any
+        flat, treedef = jax.tree.flatten(result)
+        specs = [in_spec(lay, np.ndim(x)) for x, lay in zip(flat, where.out_layouts, strict=True)]
+        found[:] = [treedef.unflatten(specs)]
+        return result
+
+    def mapped(out_specs: Any) -> Callable[..., Any]:
+        return jax.shard_map(
+            local,
+            mesh=mesh,
+            in_specs=(tuple(arg_specs), kwarg_specs),
+            out_specs=out_specs,
+            axis_names=set(dp.axes),
+            check_vma=False,
+        )
+
+    args = (_sharding.as_array_tree(tuple(call.args)), _sharding.as_array_tree(call.kwargs))
+    if not sharded:
+        return mapped(replicated)(*args)
+    # Gradients of sharded arguments leave sharded; which outputs they are is known once
+    # the step has been traced, so the specs are found by an abstract trace first.
+    jax.eval_shape(mapped(replicated), *args)
+    return mapped(found[0])(*args)
+
+
+def arg_layouts(
+    call: BoundCall, roles: dict[str, tuple[ArgRef, ...]], dp: DataParallel
+) -> dict[ArgRef, Any]:
+    """Per non-batch argument passed, which leaves are sharded over the data axes.
+
+    Raises:
+      ValueError: for carried state or keys sharded over the data axes, or a layout the
+        loop cannot gather and reduce-scatter.
+    """
+    role_of = {call.locate(ref, role): role for role, refs in roles.items() for ref in refs}
+    given = dp.in_specs
+    layouts = {}
+    for ref in call.refs():
+        role = role_of.get(ref, "argument")
+        if role == "batch":
+            continue
+        spec = None
+        if given is not None and ref.num is not None and ref.num < len(given):
+            spec = given[ref.num]
+        tree = _layouts.arg_layouts(call.get(ref, role), spec, dp.axes, ref.label)
+        if role != "argument":
+            if any(lay is not None for lay in jax.tree.leaves(tree, is_leaf=_none)):
+                raise ValueError(
+                    f"{role} argument {ref.label} is sharded over the data axes {dp.axes}, "
+                    "but carried state and keys are replicated over them; replicate it: "
+                    "jax.device_put(value, NamedSharding(mesh, P()))."
+                )
+            continue
+        layouts[ref] = tree
+    return layouts
+
+
+def vary(x: Any, axes: Sequence[str]) -> Any:
+    """``x`` marked as varying over ``axes`` (no-op outside ``check_vma`` tracing)."""
+    if not hasattr(x, "dtype"):
+        return x
+    have = set(getattr(getattr(jax.typeof(x), "mat", None), "varying", ()) or ())
+    extra = tuple(a for a in axes if a not in have)
+    return jax.lax.pcast(x, extra, to="varying") if extra else x
+
+
+def varying(call: BoundCall, batch_refs: Sequence[ArgRef], axes: Sequence[str]) -> BoundCall:
+    """Non-batch arguments marked as varying over the caller's data axes.
+
+    Under ``shard_map(check_vma=True)`` the gradient with respect to an argument that is
+    the same on every device is summed over the devices by ``jax.grad`` itself, at every
+    micro-batch. Marked varying, each device keeps its own gradient and the loop
+    combines them once, after the last micro-batch.
+    """
+    batch = {call.locate(ref, "batch") for ref in batch_refs}
+    values = {
+        ref: jax.tree.map(lambda x: vary(x, axes), call.get(ref, "argument"))
+        for ref in call.refs()
+        if ref not in batch
+    }
+    return call.with_values(values)
+
+
+def out_layouts(
+    local: Local | None, call: BoundCall, out_avals: Any, flat_r: list[Reduce], treedef: Any
+) -> list[Any]:
+    """Per output leaf, the layout of the sharded argument it is the gradient of, or None.
+
+    Only floating outputs that are averaged or summed are kept sharded (reduce-scattered).
+    """
+    if local is None or not local.layouts:
+        return [None] * len(flat_r)
+    matched = match_outputs(out_avals, local.candidates(call))
+    flat = treedef.flatten_up_to(
+        jax.tree.map(lambda x: x, matched, is_leaf=lambda x: x is None or is_sharded(x))
+    )
+    summing = (Reduce.MEAN, Reduce.WEIGHTED_MEAN, Reduce.SUM)
+    return [
+        lay if r in summing and jnp.issubdtype(a.dtype, jnp.inexact) else None
+        for lay, r, a in zip(flat, flat_r, treedef.flatten_up_to(out_avals), strict=True)
+    ]
+
+
+def is_sharded(x: Any) -> bool:
+    return isinstance(x, Sharded)
+
+
+def shard_shape(aval: Any, layout: Sharded | None) -> jax.ShapeDtypeStruct:
+    shape = list(aval.shape)
+    if layout is not None and layout.dim is not None:
+        shape[layout.dim] //= math.prod(jax.lax.axis_size(a) for a in layout.axes)
+    return jax.ShapeDtypeStruct(tuple(shape), aval.dtype)
+
+
+def update(r: Reduce, acc: jax.Array, x: jax.Array, w: jax.Array | None, layout: Any) -> jax.Array:
+    """Folds one micro-batch in; a sharded gradient is reduce-scattered into its shard."""
+    if layout is None:
+        return _reduce.update(r, acc, x, w)
+    return acc + scatter(_reduce.contribution(r, x, w, acc.dtype), layout)
+
+
+def combine(r: Reduce, acc: jax.Array, ws: Any, axes: tuple[str, ...], layout: Any) -> jax.Array:
+    """After the loop: one collective per output (a reduce-scatter for sharded gradients)."""
+    if layout is None or not layout.split:
+        return constrain(_sharding.combine(r, acc, ws, axes), layout)
+    return scatter(acc, layout)

@@ -1,0 +1,252 @@
+"""Where a step's arguments live on the mesh: shards over the data axes, other axes' layouts.
+
+An argument leaf of a data-parallel step is replicated over the data axes, or sharded over
+them in one dimension (FSDP), and may be laid out over other mesh axes too (tensor
+parallelism). The layout is read from the leaf's type on Explicit mesh axes or given by the
+user; this module checks it, gathers and reduce-scatters by it, finds the outputs that are
+gradients of sharded arguments, and checks that a batch is placed where the data axes are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import PartitionSpec
+
+from jaxaccum._sharding import DataParallel
+
+
+@dataclasses.dataclass(frozen=True)
+class Sharded:
+    """How a non-batch argument leaf is laid out over the mesh.
+
+    Attributes:
+      dim: the dimension sharded over the data axes (FSDP), or None.
+      axes: those data axes, in the order of the spec.
+      rest: the leaf's spec over the other mesh axes (tensor parallelism, left to the
+        compiler inside the loop), or None when it has none.
+    """
+
+    dim: int | None
+    axes: tuple[str, ...]
+    rest: PartitionSpec | None = None
+
+    @property
+    def split(self) -> bool:
+        """Whether the leaf arrives as shards over the data axes."""
+        return self.dim is not None
+
+
+def _explicit_axes(mesh: Any) -> set[str]:
+    return {
+        n
+        for n, t in zip(mesh.axis_names, mesh.axis_types, strict=True)
+        if t == jax.sharding.AxisType.Explicit
+    }
+
+
+def explicit_in(spec: Any, mesh: Any) -> bool:
+    """Whether ``spec`` names an Explicit axis of ``mesh`` (so a type carries it)."""
+    explicit = _explicit_axes(mesh)
+    return any(_names(entry) & explicit for entry in spec)
+
+
+def _type_spec(x: Any) -> PartitionSpec | None:
+    """The partition spec an array's type (Explicit axes) or placement carries, if any."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    mesh = getattr(sharding, "mesh", None)
+    if spec is not None and mesh is not None and not mesh.empty and explicit_in(spec, mesh):
+        return PartitionSpec(*spec)
+    placed = getattr(x, "sharding", None)  # a concrete array outside jit
+    if isinstance(placed, jax.sharding.NamedSharding):
+        return PartitionSpec(*placed.spec)
+    return None
+
+
+def _names(entry: Any) -> set[str]:
+    if entry is None or entry is PartitionSpec.UNCONSTRAINED:
+        return set()
+    return set(entry) if isinstance(entry, tuple) else {entry}
+
+
+def leaf_layout(spec: Any, axes: tuple[str, ...], where: str) -> Sharded | None:
+    """Which dimension of a leaf with partition ``spec`` is sharded over the data axes.
+
+    Raises:
+      ValueError: for layouts a data-parallel loop cannot gather and scatter: the data
+        axes over two dimensions, or mixed with another mesh axis in one dimension.
+    """
+    if spec is None:
+        return None
+    dims = [(d, e) for d, e in enumerate(spec) if _names(e) & set(axes)]
+    others = [None if _names(e) & set(axes) else e for e in spec]
+    rest = PartitionSpec(*others) if any(_names(e) for e in others) else None
+    if not dims:
+        return None if rest is None else Sharded(None, axes, rest)
+    fix = (
+        f"shard it over one dimension with exactly the data axes, e.g. P({axes[0]!r}, None), "
+        "or replicate it over them"
+    )
+    if len(dims) > 1:
+        raise ValueError(
+            f"{where} is sharded as {spec}: the data axes {axes} appear in more than one "
+            f"dimension, which jaxaccum cannot gather and reduce-scatter; {fix}."
+        )
+    dim, entry = dims[0]
+    used = tuple(entry) if isinstance(entry, tuple) else (entry,)
+    if set(used) - set(axes) or not set(used) <= set(axes):
+        raise ValueError(
+            f"{where} is sharded as {spec}: dimension {dim} mixes the data axes {axes} with "
+            f"other mesh axes ({entry!r}); {fix}, and keep other axes (tensor parallelism) "
+            "on other dimensions."
+        )
+    return Sharded(dim, used, rest)
+
+
+def arg_layouts(tree: Any, given: Any, axes: tuple[str, ...], label: str) -> Any:
+    """A pytree like ``tree`` holding a :class:`Sharded` (or None) per leaf.
+
+    ``given`` is the user's spec prefix for this argument (None: read each leaf's type).
+    """
+    treedef: Any
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    if given is None:
+        specs = [_type_spec(x) for _, x in flat]
+    else:
+        try:
+            boxed = jax.tree.map(
+                lambda s, sub: jax.tree.map(lambda _: _Given(s), sub),
+                given,
+                tree,
+                is_leaf=lambda s: s is None or isinstance(s, PartitionSpec),
+            )
+            specs = [box.spec for box in treedef.flatten_up_to(boxed)]
+        except (ValueError, TypeError) as err:
+            raise ValueError(
+                f"the specs given for {label} are not a pytree prefix of it ({err}); give one "
+                "PartitionSpec per leaf or subtree, e.g. param_specs=jax.tree.map(lambda x: "
+                "x.sharding.spec, params)."
+            ) from None
+    return treedef.unflatten(
+        [
+            leaf_layout(spec, axes, label + jax.tree_util.keystr(path))
+            for (path, _), spec in zip(flat, specs, strict=True)
+        ]
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Given:
+    """A spec given for a leaf (a box, so that a None spec stays a pytree leaf)."""
+
+    spec: PartitionSpec | None
+
+
+def in_spec(layout: Sharded | None, ndim: int) -> PartitionSpec:
+    """The ``shard_map`` in/out spec of a leaf: only its data-axes dimension."""
+    if layout is None or layout.dim is None:
+        return PartitionSpec()
+    entries: list[Any] = [None] * ndim
+    entries[layout.dim] = layout.axes[0] if len(layout.axes) == 1 else layout.axes
+    return PartitionSpec(*entries)
+
+
+def gather(x: jax.Array, layout: Sharded | None) -> jax.Array:
+    """The whole leaf from this device's shard (an all-gather over the data axes)."""
+    if layout is None or layout.dim is None:
+        return x
+    return jax.lax.all_gather(x, layout.axes, axis=layout.dim, tiled=True)
+
+
+def scatter(x: jax.Array, layout: Sharded) -> jax.Array:
+    """The sum over devices of ``x``, keeping only this device's shard (reduce-scatter)."""
+    if layout.dim is None:
+        raise ValueError("scatter needs a leaf sharded over the data axes")
+    return jax.lax.psum_scatter(x, layout.axes, scatter_dimension=layout.dim, tiled=True)
+
+
+def constrain(x: jax.Array, layout: Sharded | None) -> jax.Array:
+    """``x`` kept in the leaf's layout over the other (Auto) mesh axes, if it has one.
+
+    An accumulator for the gradient of a tensor-parallel parameter is then as sharded as
+    the parameter, instead of whatever layout the compiler picks for the loop's carry.
+    On Explicit axes the accumulator's type already carries that layout.
+    """
+    if layout is None or layout.rest is None:
+        return x
+    mesh = jax.sharding.get_abstract_mesh()
+    auto = {
+        n
+        for n, t in zip(mesh.axis_names, mesh.axis_types, strict=True)
+        if t == jax.sharding.AxisType.Auto
+    }
+    entries = [e if _names(e) and _names(e) <= auto else None for e in layout.rest]
+    if not any(entries):
+        return x
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(*entries))
+
+
+def match_outputs(out_shapes: Any, args: Sequence[tuple[Any, Any]]) -> Any:
+    """Marks the outputs that are gradients of sharded arguments with their layout.
+
+    An output subtree with the structure and the (gathered) leaf shapes of a sharded
+    argument (``(value, layouts)`` pairs in ``args``) is that argument's gradient: its
+    leaves get the argument's layouts. Returns a tree shaped like the outputs holding a
+    :class:`Sharded` or None per leaf.
+    """
+    candidates = []
+    for value, layouts in args:
+        if any(x is not None for x in jax.tree.leaves(layouts, is_leaf=_is_layout)):
+            shapes = [tuple(np.shape(x)) for x in jax.tree.leaves(value)]
+            candidates.append((jax.tree.structure(value), shapes, layouts))
+
+    def match(node: Any) -> Any:
+        for treedef, shapes, layouts in candidates:
+            structure: Any = jax.tree.structure(node)
+            if structure == treedef and [tuple(x.shape) for x in jax.tree.leaves(node)] == shapes:
+                return layouts
+        return None
+
+    return jax.tree.map(match, out_shapes, is_leaf=lambda node: match(node) is not None)
+
+
+def _is_layout(x: Any) -> bool:
+    return x is None or isinstance(x, Sharded)
+
+
+def check_batch_placed(batch: dict[str, Any], dp: DataParallel, mesh: Any) -> None:
+    """Raises unless every batch leaf is sharded over the data axes where that is visible.
+
+    A concrete array on one device cannot be split over a mesh of many. On a mesh whose
+    data axes are Explicit, the batch's type says how it is placed and must shard its
+    leading axis over them. A traced batch on Auto axes carries no placement and is split
+    as it stands.
+    """
+    explicit = bool(set(dp.axes) & _explicit_axes(mesh))
+    for label, tree in batch.items():
+        for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            where = label + jax.tree_util.keystr(path)
+            placed = getattr(x, "sharding", None)
+            if isinstance(placed, jax.sharding.SingleDeviceSharding) and dp.size(mesh) > 1:
+                raise ValueError(
+                    f"batch leaf {where} sits on one device, but data_axis={dp.axes!r} splits "
+                    f"it over {dp.size(mesh)} devices; place it on the mesh first: "
+                    f"jax.device_put(batch, NamedSharding(mesh, P({dp.spec[0]!r}))), or call "
+                    "the step inside jax.jit."
+                )
+            spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+            if not explicit or spec is None:
+                continue
+            first = spec[0] if len(spec) else None
+            if set(_names(first)) != set(dp.axes):
+                raise ValueError(
+                    f"batch leaf {where} is placed as {spec}, but data_axis={dp.axes!r} needs "
+                    f"its leading (example) axis sharded over {dp.axes!r}: "
+                    f"jax.device_put(batch, NamedSharding(mesh, P({dp.spec[0]!r}))), or "
+                    f"jax.sharding.reshard(batch, P({dp.spec[0]!r})) inside jit."
+                )
