@@ -21,15 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
-import subprocess
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from children import json_from_child
+
 DEVICES = 8
-FLAG = f"--xla_force_host_platform_device_count={DEVICES}"
 
 
 def _rows(ks: Sequence[int], n: int) -> list[dict[str, Any]]:
@@ -132,17 +130,8 @@ def collect(ks: Sequence[int], n: int) -> dict[str, Any]:
 
     if jax.device_count() >= DEVICES:
         return {"devices": [str(d) for d in jax.devices()[:DEVICES]], "rows": _rows(ks, n)}
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + FLAG).strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--json", "-"]
-    cmd += ["--ks", ",".join(map(str, ks)), "--batch", str(n)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200, check=False)
-    if proc.returncode:
-        raise RuntimeError(
-            f"collectives child failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-        )
-    return json.loads(proc.stdout)
+    args = ["--ks", ",".join(map(str, ks)), "--batch", str(n)]
+    return json_from_child(str(pathlib.Path(__file__).resolve()), args, DEVICES, 1200)
 
 
 def markdown(rows: Sequence[dict[str, Any]]) -> str:

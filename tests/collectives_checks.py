@@ -20,7 +20,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import pytest
-from helpers import assert_trees_close, digits_batch
+from helpers import assert_trees_close, digits_batch, require_devices
 from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -38,12 +38,7 @@ Batch = dict[str, jax.Array]
 
 @pytest.fixture(scope="module")
 def devices() -> int:
-    if jax.device_count() < DEVICES:
-        pytest.fail(
-            f"needs {DEVICES} devices, found {jax.device_count()}: run through "
-            "tests/test_sharding.py, or with XLA_FLAGS=--xla_force_host_platform_device_count=8."
-        )
-    return DEVICES
+    return require_devices(DEVICES)
 
 
 @pytest.fixture(scope="module", params=["explicit", "auto"])

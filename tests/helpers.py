@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from sklearn.datasets import load_digits
 
 # Tolerances for "equals the full batch up to float32 round-off".
@@ -104,3 +105,25 @@ def load_example(name: str, monkeypatch: Any) -> ModuleType:
     monkeypatch.setitem(sys.modules, name, module)
     spec.loader.exec_module(module)
     return module
+
+
+class BNNet(nn.Module):
+    """Dense → BatchNorm → ReLU → Dense; ``axis_name`` synchronises BatchNorm's statistics."""
+
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        x = nn.Dense(32)(x)
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, axis_name=self.axis_name)(x)
+        return nn.Dense(10)(nn.relu(x))
+
+
+def require_devices(n: int) -> int:
+    """Fails (never skips) a multi-device check started without ``n`` devices."""
+    if jax.device_count() < n:
+        pytest.fail(
+            f"needs {n} devices, found {jax.device_count()}: run through "
+            "tests/test_sharding.py, or with XLA_FLAGS=--xla_force_host_platform_device_count=8."
+        )
+    return n

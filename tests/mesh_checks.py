@@ -21,14 +21,21 @@ import functools
 import itertools
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 from flax import jax_utils, nnx
-from helpers import MLP, assert_trees_close, digits_batch, init_params, mean_loss
+from helpers import (
+    MLP,
+    BNNet,
+    assert_trees_close,
+    digits_batch,
+    init_params,
+    mean_loss,
+    require_devices,
+)
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -45,12 +52,7 @@ LAYOUTS = ("replicated", "fsdp", "tp")
 
 @pytest.fixture(scope="module", autouse=True)
 def devices() -> int:
-    if jax.device_count() < DEVICES:
-        pytest.fail(
-            f"needs {DEVICES} devices, found {jax.device_count()}: run through "
-            "tests/test_sharding.py, or with XLA_FLAGS=--xla_force_host_platform_device_count=8."
-        )
-    return DEVICES
+    return require_devices(DEVICES)
 
 
 def make_mesh(axis_type: str, layout: str) -> jax.sharding.Mesh:
@@ -350,16 +352,6 @@ def nbytes(tree: Any) -> int:
 
 
 # --- Flax ImageNet-style pmap loop -----------------------------------------------------
-
-
-class BNNet(nn.Module):
-    axis_name: str | None = None
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        x = nn.Dense(32)(x)
-        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, axis_name=self.axis_name)(x)
-        return nn.Dense(10)(nn.relu(x))
 
 
 def bn_loss(apply: Any, mb: Any) -> jax.Array:

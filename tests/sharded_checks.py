@@ -16,14 +16,21 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 from flax import nnx
-from helpers import MLP, assert_trees_close, digits_batch, init_params, mean_loss
+from helpers import (
+    MLP,
+    BNNet,
+    assert_trees_close,
+    digits_batch,
+    init_params,
+    mean_loss,
+    require_devices,
+)
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -39,11 +46,7 @@ MOVERS = ("all-gather", "all-to-all", "collective-permute", "ragged-all-to-all")
 
 @pytest.fixture(scope="module")
 def mesh() -> jax.sharding.Mesh:
-    if jax.device_count() < DEVICES:
-        pytest.fail(
-            f"needs {DEVICES} devices, found {jax.device_count()}: run through "
-            "tests/test_sharding.py, or with XLA_FLAGS=--xla_force_host_platform_device_count=8."
-        )
+    require_devices(DEVICES)
     return jax.make_mesh((DEVICES,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
@@ -244,16 +247,6 @@ def test_mesh_from_context_and_explicit_axes(mesh):
 
 
 # --- BatchNorm under data parallelism -------------------------------------------------
-
-
-class BNNet(nn.Module):
-    axis_name: str | None = None
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        x = nn.Dense(32)(x)
-        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, axis_name=self.axis_name)(x)
-        return nn.Dense(10)(nn.relu(x))
 
 
 def bn_loss(apply: Any, mb: Any) -> jax.Array:
