@@ -628,3 +628,30 @@ def test_nnx_step_inside_shard_map_with_axis_name_equals_one_device(adam_run, ax
     model, _ = nnx.merge(graphdef, state)
     assert_trees_close(model.as_linen(), adam_run[0])
     assert_trees_close(jnp.stack(losses), adam_run[1])
+
+
+@pytest.mark.parametrize("where", ["jit", "shard_map"])
+def test_the_step_sees_the_micro_batch_with_its_whole_type(where):
+    """Every trace of the step (for the output types and in the loop) gets a micro-batch
+    typed like the batch: sharded over ``"data"`` on an Explicit mesh under ``jax.jit``,
+    varying over ``"data"`` inside the caller's ``shard_map``."""
+    mesh = make_mesh("explicit", "replicated")
+    seen: list[Any] = []
+
+    def step(params: Any, batch: Any) -> Any:
+        seen.append(jax.typeof(batch["x"]))
+        loss = pmeaned_loss if where == "shard_map" else mean_loss
+        return jax.value_and_grad(loss)(params, batch)
+
+    fn = jaxaccum.accumulate(step, K)
+    if where == "shard_map":
+        fn = jax.shard_map(fn, mesh=mesh, in_specs=(P(), P("data")), out_specs=P())
+    params = place(fresh_params(), mesh, layout_specs(fresh_params(), "replicated"))
+    with jax.set_mesh(mesh):
+        jax.jit(fn).trace(params, shard_batch(digits_batch(N), mesh))
+    assert len(seen) == 2, seen
+    for aval in seen:
+        if where == "jit":
+            assert aval.sharding.spec[0] == "data", aval
+        else:
+            assert "data" in aval.mat.varying, aval
