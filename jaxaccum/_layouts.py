@@ -230,6 +230,8 @@ def check_batch_placed(batch: dict[str, Any], dp: DataParallel, mesh: Any) -> No
     explicit = bool(set(dp.axes) & _explicit_axes(mesh))
     for label, tree in batch.items():
         for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            if not hasattr(x, "dtype"):
+                continue  # not an array: _split.leading_size names it
             where = label + jax.tree_util.keystr(path)
             placed = getattr(x, "sharding", None)
             if isinstance(placed, jax.sharding.SingleDeviceSharding) and dp.size(mesh) > 1:

@@ -102,3 +102,14 @@ def test_collectives_on_one_device_are_empty():
     assert report.in_loop == ()
     assert "in loops: none" in str(report)
     assert jnp.ndim(report.counts().get("all-reduce", 0)) == 0
+
+
+def test_non_array_batch_leaf_gets_the_batch_message():
+    fn = jaxaccum.accumulate(
+        jax.value_and_grad(mean_loss), 4, data_axis="data", mesh=one_device_mesh()
+    )
+    batch = {**digits_batch(64), "name": "digits"}
+    with pytest.raises(
+        TypeError, match=r"leaf batch\['name'\] of the batch is a str, not an array"
+    ):
+        fn(init_params(), batch)
