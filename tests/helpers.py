@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 import pathlib
+import subprocess
 import sys
+import tempfile
 from types import ModuleType
 from typing import Any
 
@@ -127,3 +130,46 @@ def require_devices(n: int) -> int:
             "tests/test_sharding.py, or with XLA_FLAGS=--xla_force_host_platform_device_count=8."
         )
     return n
+
+
+EIGHT_DEVICE_CHECKS = ("sharded_checks.py", "collectives_checks.py", "mesh_checks.py")
+
+
+class EightDeviceRun:
+    """The 8-device check files, running in their own interpreter in the background.
+
+    XLA:CPU fixes its device count when the backend starts, so these files run in a fresh
+    interpreter started with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``. Their
+    output goes to a temporary file (a pipe could fill up and stall them).
+    """
+
+    def __init__(self) -> None:
+        env = dict(os.environ)
+        env["XLA_FLAGS"] = (
+            env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+        ).strip()
+        env["JAX_PLATFORMS"] = "cpu"
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+        # Open for the run's lifetime; result() reads and closes it.
+        self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115
+        here = pathlib.Path(__file__).resolve().parent
+        self.proc = subprocess.Popen(
+            [*cmd, *EIGHT_DEVICE_CHECKS],
+            cwd=here,
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+    def result(self, timeout: float) -> tuple[int, str]:
+        """Waits for the run (killing it after ``timeout`` s); its exit code and output."""
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        self.log.seek(0)
+        output = self.log.read()
+        self.log.close()
+        return code, output

@@ -1,38 +1,29 @@
 """``data_axis=``: argument checks on one device, and the 8-device checks in a subprocess.
 
 XLA:CPU fixes its device count when the backend starts, so the 8-device equivalence and
-communication checks (``tests/sharded_checks.py``) run in a fresh interpreter started with
-``XLA_FLAGS=--xla_force_host_platform_device_count=8``; its pytest output is shown on failure.
+communication checks (``tests/*_checks.py``) run in a fresh interpreter started with
+``XLA_FLAGS=--xla_force_host_platform_device_count=8`` (see ``helpers.EightDeviceRun``); its
+pytest output is shown on failure.
 """
 
 from __future__ import annotations
 
-import os
-import pathlib
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import pytest
-from helpers import assert_trees_close, digits_batch, init_params, mean_loss
+from conftest import EIGHT_DEVICES
+from helpers import EightDeviceRun, assert_trees_close, digits_batch, init_params, mean_loss
 
 import jaxaccum
 
-TESTS = pathlib.Path(__file__).resolve().parent
 
-
-def test_eight_device_checks_pass_in_a_subprocess():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    ).strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    checks = ["sharded_checks.py", "collectives_checks.py", "mesh_checks.py"]
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *checks]
-    proc = subprocess.run(cmd, cwd=TESTS, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-4000:]
-    assert " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-2000:]
+def test_eight_device_checks_pass_in_a_subprocess(request: pytest.FixtureRequest) -> None:
+    """``sharded_checks.py``, ``collectives_checks.py`` and ``mesh_checks.py`` on 8 devices;
+    started at collection by ``conftest.py`` (or here, if collection did not)."""
+    run = request.config.stash.get(EIGHT_DEVICES, None) or EightDeviceRun()
+    code, output = run.result(timeout=900)
+    assert code == 0, output[-12000:]
+    assert " passed" in output and "skipped" not in output, output[-2000:]
 
 
 def one_device_mesh() -> jax.sharding.Mesh:
