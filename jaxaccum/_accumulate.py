@@ -132,10 +132,12 @@ def accumulate(
     The loop body calls ``step_fn`` on the micro-batch as a hand-written ``lax.scan``
     would, with the micro-batch's whole abstract type (its sharding on Explicit mesh
     axes, its varying axes inside ``shard_map``); ``step_fn`` is traced twice per
-    compilation (once for the output types, once in the loop). Compiled for the CPU,
+    compilation (once for the output types, once in the loop; ``data_axis`` with sharded
+    arguments adds an abstract pass that finds the gradients' output specs, and a CPU
+    convolution rewrite one more trace). When the default backend is the CPU,
     convolutions XLA:CPU would run slowly inside a loop (those not in NHWC/HWIO layout,
-    such as the weight gradient of an ordinary convolution) are evaluated in that layout
-    between transposes; what other backends compile is the plain loop.
+    such as the weight gradient of an ordinary convolution) are compiled in that layout
+    between transposes for the CPU only; what other backends compile is the plain loop.
 
     Args:
       step_fn: the function to run per micro-batch, typically ``jax.value_and_grad(loss)``.
@@ -316,7 +318,7 @@ def accumulate(
             if dp is None:
                 return run(call)
             local = _devices.bound(dp)
-            return run(_devices.varying(call, roles["batch"], dp.axes), local=local)
+            return run(_devices.varying(call, roles, dp.axes), local=local)
 
     return accumulated  # type: ignore[return-value]
 
@@ -328,7 +330,7 @@ def _typed(x: jax.Array, aval: Any) -> jax.Array:
     spec = getattr(sharding, "spec", None)
     if mesh is not None and not mesh.empty and _layouts.explicit_in(spec, mesh):
         x = jax.sharding.reshard(x, sharding)
-    varying = tuple(getattr(getattr(aval, "mat", None), "varying", ()) or ())
+    varying = _devices.varying_axes(aval)
     if varying:
         x = jax.lax.pcast(x, varying, to="varying")
     return x
@@ -442,7 +444,7 @@ def _run(
     if local is not None:
         axes = local.axes
         accs = [
-            a if now else _devices.combine(r, a, ws, axes, lay)
+            _devices.replicas(a, lay, axes) if now else _devices.combine(r, a, ws, axes, lay)
             for r, a, lay, now in zip(flat_r, accs, flat_lay, scatter_now, strict=True)
         ]
         count = k * local.devices
@@ -463,7 +465,7 @@ def _run(
 
 def _join_varying(x: Any, aval: Any) -> Any:
     """Initial carried state made as varying as the state the step returns."""
-    return _devices.vary(x, tuple(getattr(getattr(aval, "mat", None), "varying", ()) or ()))
+    return _devices.vary(x, _devices.varying_axes(aval))
 
 
 def _unpack_state(result: Any, n: int) -> tuple[Any, tuple[Any, ...]]:

@@ -30,7 +30,7 @@ from jaxaccum._layouts import (
     scatter,
 )
 from jaxaccum._reduce import Reduce
-from jaxaccum._sharding import FSDP, DataParallel
+from jaxaccum._sharding import DataParallel
 from jaxaccum._split import Split
 
 
@@ -44,7 +44,7 @@ def bound(dp: DataParallel) -> Local:
             "jax.shard_map or jax.pmap that binds it, or use data_axis= to let jaxaccum "
             "run its own shard_map over a mesh."
         ) from None
-    return Local(dp.axes, devices, dp.fsdp)
+    return Local(dp.axes, devices)
 
 
 @dataclasses.dataclass
@@ -54,7 +54,6 @@ class Local:
     Attributes:
       axes: the data axes the outputs are combined over after the loop.
       devices: the number of devices along them.
-      fsdp: the strategy for arguments sharded over the axes.
       layouts: per argument (a ref by position or keyword), a pytree of
         ``Sharded`` or None leaves: which leaves arrive as shards.
       gathered: whether those leaves were already gathered before the loop.
@@ -63,7 +62,6 @@ class Local:
 
     axes: tuple[str, ...]
     devices: int
-    fsdp: FSDP = "per_microbatch"
     layouts: dict[ArgRef, Any] = dataclasses.field(default_factory=dict)
     gathered: bool = False
     out_layouts: list[Any] = dataclasses.field(default_factory=list)
@@ -93,7 +91,9 @@ class Local:
     def candidates(self, call: BoundCall) -> list[tuple[Any, Any]]:
         """``(full-size shapes, layouts)`` of each argument, for matching its gradient."""
 
-        def full(x: Any, lay: Sharded | None) -> jax.ShapeDtypeStruct:
+        def full(x: Any, lay: Sharded | None) -> jax.ShapeDtypeStruct | None:
+            if x is None:
+                return None
             shape = list(np.shape(x))
             if lay is not None and lay.dim is not None and not self.gathered:
                 shape[lay.dim] *= math.prod(jax.lax.axis_size(a) for a in lay.axes)
@@ -123,13 +123,14 @@ def run_sharded(
     shards = dp.size(mesh)
     batch_refs = roles["batch"]
     batch = {ref.label: call.get(ref, "batch") for ref in batch_refs}
-    check_batch_placed(batch, dp, mesh)
-    if split == "presplit":
-        batch = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), batch)
-    n = _split.leading_size(batch)
+    presplit = split == "presplit"
+    n = _split.leading_size(batch)  # checks the leaves first
+    check_batch_placed(batch, dp, mesh, presplit)
     first = next(p for label, t in batch.items() for p, _ in _split.leaves_with_paths(t, label))
-    _sharding.check_shards(n, 1 if split == "presplit" else k, shards, first)
-    layouts = arg_layouts(call, roles, dp)
+    if presplit:
+        n = _split.presplit_size(batch, k)
+    _sharding.check_shards(n, 1 if presplit else k, shards, first)
+    layouts = arg_layouts(call, roles, dp, mesh)
     specs: dict[ArgRef, Any] = {
         ref: jax.tree.map(
             lambda x, lay: in_spec(lay, np.ndim(x)),
@@ -139,7 +140,7 @@ def run_sharded(
         )
         for ref, tree in layouts.items()
     }
-    specs.update({ref: _sharding.batch_spec(dp, split == "presplit") for ref in batch_refs})
+    specs.update({ref: _sharding.batch_spec(dp, presplit) for ref in batch_refs})
     replicated = jax.sharding.PartitionSpec()
     arg_specs, kwarg_specs = BoundCall(
         tuple(replicated for _ in call.args), dict.fromkeys(call.kwargs, replicated)
@@ -149,7 +150,7 @@ def run_sharded(
     found: list[Any] = []
 
     def local(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        where = Local(dp.axes, shards, dp.fsdp, layouts if laid_out else {})
+        where = Local(dp.axes, shards, layouts if laid_out else {})
         inner = BoundCall(args, kwargs)
         with jax.named_scope(scope):
             if sharded and dp.fsdp == "gather_once":
@@ -181,25 +182,23 @@ def run_sharded(
 
 
 def arg_layouts(
-    call: BoundCall, roles: dict[str, tuple[ArgRef, ...]], dp: DataParallel
+    call: BoundCall, roles: dict[str, tuple[ArgRef, ...]], dp: DataParallel, mesh: Any
 ) -> dict[ArgRef, Any]:
     """Per non-batch argument passed, which leaves are sharded over the data axes.
 
     Raises:
-      ValueError: for carried state or keys sharded over the data axes, or a layout the
-        loop cannot gather and reduce-scatter.
+      ValueError: for carried state or keys sharded over the data axes, a layout the loop
+        cannot gather and reduce-scatter, or ``in_specs`` that do not fit the call.
     """
     role_of = {call.locate(ref, role): role for role, refs in roles.items() for ref in refs}
-    given = dp.in_specs
+    given = _check_in_specs(dp.in_specs, call, role_of)
     layouts = {}
     for ref in call.refs():
         role = role_of.get(ref, "argument")
         if role == "batch":
             continue
-        spec = None
-        if given is not None and ref.num is not None and ref.num < len(given):
-            spec = given[ref.num]
-        tree = _layouts.arg_layouts(call.get(ref, role), spec, dp.axes, ref.label)
+        spec = given[ref.num] if given and ref.num is not None else None
+        tree = _layouts.arg_layouts(call.get(ref, role), spec, dp.axes, ref.label, mesh)
         if role != "argument":
             if any(lay is not None for lay in jax.tree.leaves(tree, is_leaf=_none)):
                 raise ValueError(
@@ -212,28 +211,55 @@ def arg_layouts(
     return layouts
 
 
+def _check_in_specs(given: Any, call: BoundCall, role_of: dict[ArgRef, str]) -> Any:
+    """``in_specs`` as a tuple with one entry per positional argument (checked)."""
+    if given is None:
+        return None
+    given = tuple(given)
+    by_keyword = [r.name for r in call.refs() if r.num is None and role_of.get(r) is None]
+    if by_keyword:
+        raise ValueError(
+            f"in_specs gives specs by position, but {by_keyword} were passed by keyword; "
+            "pass them positionally so their specs apply."
+        )
+    if len(given) > len(call.args):
+        raise ValueError(
+            f"in_specs has {len(given)} entries but the step got {len(call.args)} positional "
+            "argument(s); give one PartitionSpec prefix per positional argument."
+        )
+    return given + (None,) * (len(call.args) - len(given))
+
+
+def varying_axes(aval: Any) -> tuple[str, ...]:
+    """The manual axes an abstract value varies over (empty outside ``shard_map``)."""
+    return tuple(getattr(getattr(aval, "mat", None), "varying", ()) or ())
+
+
 def vary(x: Any, axes: Sequence[str]) -> Any:
     """``x`` marked as varying over ``axes`` (no-op outside ``check_vma`` tracing)."""
     if not hasattr(x, "dtype"):
         return x
-    have = set(getattr(getattr(jax.typeof(x), "mat", None), "varying", ()) or ())
+    have = set(varying_axes(jax.typeof(x)))
     extra = tuple(a for a in axes if a not in have)
     return jax.lax.pcast(x, extra, to="varying") if extra else x
 
 
-def varying(call: BoundCall, batch_refs: Sequence[ArgRef], axes: Sequence[str]) -> BoundCall:
-    """Non-batch arguments marked as varying over the caller's data axes.
+def varying(
+    call: BoundCall, roles: dict[str, tuple[ArgRef, ...]], axes: Sequence[str]
+) -> BoundCall:
+    """Plain arguments (not batch, carried state or keys) marked varying over the axes.
 
     Under ``shard_map(check_vma=True)`` the gradient with respect to an argument that is
     the same on every device is summed over the devices by ``jax.grad`` itself, at every
     micro-batch. Marked varying, each device keeps its own gradient and the loop
-    combines them once, after the last micro-batch.
+    combines them once, after the last micro-batch. Carried state becomes varying only
+    where the step makes it so.
     """
-    batch = {call.locate(ref, "batch") for ref in batch_refs}
+    taken = {call.locate(ref, role) for role, refs in roles.items() for ref in refs}
     values = {
         ref: jax.tree.map(lambda x: vary(x, axes), call.get(ref, "argument"))
         for ref in call.refs()
-        if ref not in batch
+        if ref not in taken
     }
     return call.with_values(values)
 
@@ -247,19 +273,12 @@ def out_layouts(
     """
     if local is None or not local.layouts:
         return [None] * len(flat_r)
-    matched = match_outputs(out_avals, local.candidates(call))
-    flat = treedef.flatten_up_to(
-        jax.tree.map(lambda x: x, matched, is_leaf=lambda x: x is None or is_sharded(x))
-    )
+    flat = treedef.flatten_up_to(match_outputs(out_avals, local.candidates(call)))
     summing = (Reduce.MEAN, Reduce.WEIGHTED_MEAN, Reduce.SUM)
     return [
         lay if r in summing and jnp.issubdtype(a.dtype, jnp.inexact) else None
         for lay, r, a in zip(flat, flat_r, treedef.flatten_up_to(out_avals), strict=True)
     ]
-
-
-def is_sharded(x: Any) -> bool:
-    return isinstance(x, Sharded)
 
 
 def shard_shape(aval: Any, layout: Sharded | None) -> jax.ShapeDtypeStruct:
@@ -276,8 +295,18 @@ def update(r: Reduce, acc: jax.Array, x: jax.Array, w: jax.Array | None, layout:
     return acc + scatter(_reduce.contribution(r, x, w, acc.dtype), layout)
 
 
+def replicas(acc: jax.Array, layout: Sharded, axes: tuple[str, ...]) -> jax.Array:
+    """A reduce-scattered gradient summed over the data axes it is replicated on.
+
+    Hybrid sharding (data over ``("replica", "fsdp")``, params sharded over ``"fsdp"``
+    only) scatters over ``"fsdp"``; the replicas' shards still add up, once.
+    """
+    rest = tuple(a for a in axes if a not in layout.axes)
+    return jax.lax.psum(acc, rest) if rest else acc
+
+
 def combine(r: Reduce, acc: jax.Array, ws: Any, axes: tuple[str, ...], layout: Any) -> jax.Array:
     """After the loop: one collective per output (a reduce-scatter for sharded gradients)."""
     if layout is None or not layout.split:
         return constrain(_sharding.combine(r, acc, ws, axes), layout)
-    return scatter(acc, layout)
+    return replicas(scatter(acc, layout), layout, axes)

@@ -10,6 +10,7 @@ gradients of sharded arguments, and checks that a batch is placed where the data
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,12 +42,12 @@ class Sharded:
         return self.dim is not None
 
 
+def _axes_of_type(mesh: Any, kind: Any) -> set[str]:
+    return {n for n, t in zip(mesh.axis_names, mesh.axis_types, strict=True) if t == kind}
+
+
 def _explicit_axes(mesh: Any) -> set[str]:
-    return {
-        n
-        for n, t in zip(mesh.axis_names, mesh.axis_types, strict=True)
-        if t == jax.sharding.AxisType.Explicit
-    }
+    return _axes_of_type(mesh, jax.sharding.AxisType.Explicit)
 
 
 def explicit_in(spec: Any, mesh: Any) -> bool:
@@ -99,7 +100,7 @@ def leaf_layout(spec: Any, axes: tuple[str, ...], where: str) -> Sharded | None:
         )
     dim, entry = dims[0]
     used = tuple(entry) if isinstance(entry, tuple) else (entry,)
-    if set(used) - set(axes) or not set(used) <= set(axes):
+    if set(used) - set(axes):
         raise ValueError(
             f"{where} is sharded as {spec}: dimension {dim} mixes the data axes {axes} with "
             f"other mesh axes ({entry!r}); {fix}, and keep other axes (tensor parallelism) "
@@ -108,15 +109,21 @@ def leaf_layout(spec: Any, axes: tuple[str, ...], where: str) -> Sharded | None:
     return Sharded(dim, used, rest)
 
 
-def arg_layouts(tree: Any, given: Any, axes: tuple[str, ...], label: str) -> Any:
+def arg_layouts(tree: Any, given: Any, axes: tuple[str, ...], label: str, mesh: Any) -> Any:
     """A pytree like ``tree`` holding a :class:`Sharded` (or None) per leaf.
 
     ``given`` is the user's spec prefix for this argument (None: read each leaf's type).
+    Leaves that are not arrays (Python numbers, strings) have no layout.
+
+    Raises:
+      ValueError: for specs that are no prefix of the argument, a spec with more entries
+        than its leaf has dimensions, a dimension the data axes do not divide, or a
+        layout :func:`leaf_layout` rejects.
     """
     treedef: Any
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
     if given is None:
-        specs = [_type_spec(x) for _, x in flat]
+        specs = [_type_spec(x) if hasattr(x, "dtype") else None for _, x in flat]
     else:
         try:
             boxed = jax.tree.map(
@@ -129,15 +136,29 @@ def arg_layouts(tree: Any, given: Any, axes: tuple[str, ...], label: str) -> Any
         except (ValueError, TypeError) as err:
             raise ValueError(
                 f"the specs given for {label} are not a pytree prefix of it ({err}); give one "
-                "PartitionSpec per leaf or subtree, e.g. param_specs=jax.tree.map(lambda x: "
-                "x.sharding.spec, params)."
+                "PartitionSpec per leaf or subtree (param_specs= for train steps, in_specs= "
+                "for accumulate), e.g. jax.tree.map(lambda x: x.sharding.spec, params)."
             ) from None
-    return treedef.unflatten(
-        [
-            leaf_layout(spec, axes, label + jax.tree_util.keystr(path))
-            for (path, _), spec in zip(flat, specs, strict=True)
-        ]
-    )
+    layouts = []
+    for (path, x), spec in zip(flat, specs, strict=True):
+        where = label + jax.tree_util.keystr(path)
+        if spec is not None and len(spec) > np.ndim(x):
+            raise ValueError(
+                f"the spec {spec} given for {where} has {len(spec)} entries but the leaf has "
+                f"shape {np.shape(x)}; give a spec with at most {np.ndim(x)} entries, or "
+                "P() to replicate it."
+            )
+        layout = leaf_layout(spec, axes, where)
+        if layout is not None and layout.dim is not None:
+            ways = math.prod(int(mesh.shape[a]) for a in layout.axes)
+            if np.shape(x)[layout.dim] % ways:
+                raise ValueError(
+                    f"{where} has shape {np.shape(x)} and is sharded as {spec}, but its "
+                    f"dimension {layout.dim} does not split into {ways} devices over "
+                    f"{layout.axes}; pad it to a multiple of {ways} or replicate it."
+                )
+        layouts.append(layout)
+    return treedef.unflatten(layouts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,8 +186,6 @@ def gather(x: jax.Array, layout: Sharded | None) -> jax.Array:
 
 def scatter(x: jax.Array, layout: Sharded) -> jax.Array:
     """The sum over devices of ``x``, keeping only this device's shard (reduce-scatter)."""
-    if layout.dim is None:
-        raise ValueError("scatter needs a leaf sharded over the data axes")
     return jax.lax.psum_scatter(x, layout.axes, scatter_dimension=layout.dim, tiled=True)
 
 
@@ -180,11 +199,7 @@ def constrain(x: jax.Array, layout: Sharded | None) -> jax.Array:
     if layout is None or layout.rest is None:
         return x
     mesh = jax.sharding.get_abstract_mesh()
-    auto = {
-        n
-        for n, t in zip(mesh.axis_names, mesh.axis_types, strict=True)
-        if t == jax.sharding.AxisType.Auto
-    }
+    auto = _axes_of_type(mesh, jax.sharding.AxisType.Auto)
     entries = [e if _names(e) and _names(e) <= auto else None for e in layout.rest]
     if not any(entries):
         return x
@@ -219,14 +234,18 @@ def _is_layout(x: Any) -> bool:
     return x is None or isinstance(x, Sharded)
 
 
-def check_batch_placed(batch: dict[str, Any], dp: DataParallel, mesh: Any) -> None:
+def check_batch_placed(
+    batch: dict[str, Any], dp: DataParallel, mesh: Any, presplit: bool = False
+) -> None:
     """Raises unless every batch leaf is sharded over the data axes where that is visible.
 
     A concrete array on one device cannot be split over a mesh of many. On a mesh whose
     data axes are Explicit, the batch's type says how it is placed and must shard its
-    leading axis over them. A traced batch on Auto axes carries no placement and is split
-    as it stands.
+    leading axis (the second one for a presplit batch) over them. A traced batch on Auto
+    axes carries no placement and is split as it stands.
     """
+    example_dim = 1 if presplit else 0
+    wanted = "P(None, " if presplit else "P("
     explicit = bool(set(dp.axes) & _explicit_axes(mesh))
     for label, tree in batch.items():
         for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
@@ -244,11 +263,12 @@ def check_batch_placed(batch: dict[str, Any], dp: DataParallel, mesh: Any) -> No
             spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
             if not explicit or spec is None:
                 continue
-            first = spec[0] if len(spec) else None
-            if set(_names(first)) != set(dp.axes):
+            entry = spec[example_dim] if len(spec) > example_dim else None
+            if set(_names(entry)) != set(dp.axes):
+                target = f"{wanted}{dp.spec[0]!r})"
                 raise ValueError(
                     f"batch leaf {where} is placed as {spec}, but data_axis={dp.axes!r} needs "
-                    f"its leading (example) axis sharded over {dp.axes!r}: "
-                    f"jax.device_put(batch, NamedSharding(mesh, P({dp.spec[0]!r}))), or "
-                    f"jax.sharding.reshard(batch, P({dp.spec[0]!r})) inside jit."
+                    f"its example axis (axis {example_dim}) sharded over {dp.axes!r}: "
+                    f"jax.device_put(batch, NamedSharding(mesh, {target})), or "
+                    f"jax.sharding.reshard(batch, {target}) inside jit."
                 )

@@ -97,6 +97,25 @@ def leading_size(batch: dict[str, Any], what: str = "the batch") -> int:
     return n
 
 
+def presplit_size(batch: dict[str, Any], k: int) -> int:
+    """N of a presplit batch: every leaf ``(k, N/k, ...)``; returns N (checked)."""
+    sizes = {
+        path: np.shape(leaf)
+        for label, tree in batch.items()
+        for path, leaf in leaves_with_paths(tree, label)
+    }
+    bad = {path: shape for path, shape in sizes.items() if len(shape) < 2 or shape[0] != k}
+    if bad:
+        raise ValueError(
+            f"split='presplit' needs every batch leaf shaped (k, N/k, ...) with k={k}, got "
+            f"{bad}; reshape to (k, N/k, ...) or use split='strided'."
+        )
+    per = {shape[1] for shape in sizes.values()}
+    if len(per) > 1:
+        raise ValueError(f"batch leaves disagree on the micro-batch size (axis 1): {sizes}.")
+    return k * per.pop()
+
+
 def check_divisible(n: int, k: int, where: str) -> None:
     if k > n:
         raise ValueError(

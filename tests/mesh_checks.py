@@ -655,3 +655,87 @@ def test_the_step_sees_the_micro_batch_with_its_whole_type(where):
             assert aval.sharding.spec[0] == "data", aval
         else:
             assert "data" in aval.mat.varying, aval
+
+
+# --- hybrid sharding, presplit batches, carried counters, spec mistakes -----------------
+
+
+@pytest.mark.parametrize("fsdp", ["per_microbatch", "gather_once"])
+@pytest.mark.parametrize("axis_type", list(AXIS_TYPES))
+def test_hybrid_sharding_sums_the_replicas_once(full_batch, axis_type, fsdp):
+    """Data over ("replica", "fsdp") (2 × 4), params sharded over "fsdp" only: the gradient
+    is reduce-scattered over "fsdp" and summed over the two replicas, equal to one device
+    and left in the params' sharding."""
+    kind = AXIS_TYPES[axis_type]
+    mesh = jax.make_mesh((2, 4), ("replica", "fsdp"), axis_types=(kind, kind))
+    specs = jax.tree.map(lambda x: P("fsdp") if x.ndim == 2 else P(), fresh_params())
+    params = place(fresh_params(), mesh, specs)
+    batch = jax.device_put(digits_batch(N), NamedSharding(mesh, P(("replica", "fsdp"))))
+    kwargs = {"in_specs": (specs,)} if axis_type == "auto" else {}
+    grad_fn = jaxaccum.accumulate(
+        jax.value_and_grad(mesh_loss), K, data_axis=("replica", "fsdp"), fsdp=fsdp, **kwargs
+    )
+    with jax.set_mesh(mesh):
+        loss, grads = jax.jit(grad_fn)(params, batch)
+    assert_trees_close((loss, grads), full_batch)
+    assert_same_shardings(grads, params)
+
+
+def test_presplit_batch_on_an_explicit_mesh(full_batch):
+    """``split="presplit"``: the batch is (k, N/k, ...) sharded over its second axis."""
+    mesh = make_mesh("explicit", "replicated")
+    presplit = jax.tree.map(lambda x: x.reshape(K, N // K, *x.shape[1:]), digits_batch(N))
+    batch = jax.device_put(presplit, NamedSharding(mesh, P(None, "data")))
+    params = place(fresh_params(), mesh, layout_specs(fresh_params(), "replicated"))
+    grad_fn = jaxaccum.accumulate(
+        jax.value_and_grad(mean_loss), K, split="presplit", data_axis="data"
+    )
+    with jax.set_mesh(mesh):
+        out = jax.jit(grad_fn)(params, batch)
+    assert_trees_close(out, full_batch)
+    with jax.set_mesh(mesh), pytest.raises(ValueError, match=r"axis 1\) sharded over"):
+        jax.jit(grad_fn)(params, jax.device_put(presplit, NamedSharding(mesh, P())))
+
+
+def test_axis_name_keeps_an_integer_counter_replicated():
+    """A carried counter under ``axis_name=`` stays invariant: the caller's ``out_specs=P()``
+    accepts it, and it counts the k micro-batches once."""
+    mesh = make_mesh("explicit", "replicated")
+
+    def step(params: Any, batch: Any, count: jax.Array) -> Any:
+        return jax.value_and_grad(mean_loss)(params, batch), count + 1
+
+    grad_fn = jaxaccum.accumulate(step, K, carry_argnums=2, axis_name="data")
+    fn = jax.jit(jax.shard_map(grad_fn, mesh=mesh, in_specs=(P(), P("data"), P()), out_specs=P()))
+    with jax.set_mesh(mesh):
+        (_, _), count = fn(fresh_params(), shard_batch(digits_batch(N), mesh), jnp.int32(0))
+    assert int(count) == K
+
+
+def one_spec(layer: str, name: str, spec: P) -> Any:
+    """Replicated specs for the test MLP's params, except ``spec`` at one leaf."""
+    specs = layout_specs(fresh_params(), "replicated")
+    specs["params"][layer][name] = spec
+    return specs
+
+
+@pytest.mark.parametrize(
+    ("in_specs", "by_keyword", "match"),
+    [
+        ((one_spec("Dense_0", "kernel", P("data", None, None)),), False, "3 entries"),
+        ((one_spec("Dense_1", "bias", P("data")),), False, "does not split into 8"),
+        ((P(), P(), P()), False, "in_specs has 3 entries"),
+        ((P(),), True, "passed by keyword"),
+    ],
+)
+def test_spec_mistakes_name_the_leaf_and_the_fix(in_specs, by_keyword, match):
+    mesh = make_mesh("auto", "replicated")
+    grad_fn = jaxaccum.accumulate(
+        jax.value_and_grad(mean_loss), K, data_axis="data", in_specs=in_specs
+    )
+    params, batch = fresh_params(), shard_batch(digits_batch(N), mesh)
+    with jax.set_mesh(mesh), pytest.raises(ValueError, match=match):
+        if by_keyword:
+            jax.jit(grad_fn)(params=params, batch=batch)
+        else:
+            jax.jit(grad_fn)(params, batch)
