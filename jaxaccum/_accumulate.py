@@ -330,10 +330,7 @@ def _typed(x: jax.Array, aval: Any) -> jax.Array:
     spec = getattr(sharding, "spec", None)
     if mesh is not None and not mesh.empty and _layouts.explicit_in(spec, mesh):
         x = jax.sharding.reshard(x, sharding)
-    varying = _devices.varying_axes(aval)
-    if varying:
-        x = jax.lax.pcast(x, varying, to="varying")
-    return x
+    return _join_varying(x, aval)
 
 
 def _run(
@@ -464,7 +461,7 @@ def _run(
 
 
 def _join_varying(x: Any, aval: Any) -> Any:
-    """Initial carried state made as varying as the state the step returns."""
+    """``x`` made as varying as ``aval`` (e.g. initial carried state as the returned one)."""
     return _devices.vary(x, _devices.varying_axes(aval))
 
 

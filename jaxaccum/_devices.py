@@ -145,12 +145,13 @@ def run_sharded(
     arg_specs, kwarg_specs = BoundCall(
         tuple(replicated for _ in call.args), dict.fromkeys(call.kwargs, replicated)
     ).replaced(specs)
-    laid_out = [lay for lay in jax.tree.leaves(list(layouts.values()), is_leaf=_none) if lay]
-    sharded = any(lay.split for lay in laid_out)
+    if not any(jax.tree.leaves(list(layouts.values()), is_leaf=_none)):
+        layouts = {}  # nothing laid out over the mesh: no gradient to match
+    sharded = Local(dp.axes, shards, layouts).splits()
     found: list[Any] = []
 
     def local(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        where = Local(dp.axes, shards, layouts if laid_out else {})
+        where = Local(dp.axes, shards, layouts)
         inner = BoundCall(args, kwargs)
         with jax.named_scope(scope):
             if sharded and dp.fsdp == "gather_once":
