@@ -18,6 +18,8 @@ from jaxaccum._multisteps import multi_steps as multi_steps
 from jaxaccum._planner import MicrobatchPlan as MicrobatchPlan
 from jaxaccum._planner import plan_microbatches as plan_microbatches
 from jaxaccum._reduce import Reduce as Reduce
+from jaxaccum._reduce import ReduceContext as ReduceContext
+from jaxaccum._reduce import Reduction as Reduction
 from jaxaccum._sharding import FSDP as FSDP
 from jaxaccum._sharding import DataAxis as DataAxis
 from jaxaccum._split import Split as Split
@@ -42,6 +44,8 @@ __all__ = [
     "MultiStepsState",
     "NonFinite",
     "Reduce",
+    "ReduceContext",
+    "Reduction",
     "ScalingRule",
     "Split",
     "TrainMetrics",

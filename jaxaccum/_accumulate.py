@@ -13,7 +13,6 @@ import numpy as np
 from jaxaccum import _args, _cpu_conv, _devices, _layouts, _reduce, _sharding, _split
 from jaxaccum._args import ArgRef, BoundCall
 from jaxaccum._devices import Local
-from jaxaccum._reduce import Reduce
 from jaxaccum._sharding import FSDP, DataAxis
 from jaxaccum._split import Split
 
@@ -37,11 +36,20 @@ def _check_unroll(unroll: Any) -> int | bool:
     raise ValueError(f"unroll must be a positive int or a bool, got {unroll!r}.")
 
 
-def _check_accum_dtype(accum_dtype: Any) -> np.dtype:
+def _check_accum_dtype(accum_dtype: Any) -> np.dtype | None:
+    """A floating dtype, or None (each leaf's own dtype: no widening)."""
+    if accum_dtype is None:
+        return None
     dtype = np.dtype(accum_dtype)
     if not jnp.issubdtype(dtype, jnp.floating):
-        raise ValueError(f"accum_dtype must be a floating dtype such as float32, got {dtype}.")
+        raise ValueError(
+            f"accum_dtype must be a floating dtype such as float32, or None for each leaf's "
+            f"own dtype, got {dtype}."
+        )
     return dtype
+
+
+_RAW_KEY_LENGTHS = {2, 4}  # threefry2x32 / rbg key data, as jax.random.PRNGKey makes them
 
 
 def _check_key(key: Any, label: str) -> None:
@@ -50,13 +58,58 @@ def _check_key(key: Any, label: str) -> None:
         if key.shape == ():
             return
     elif dtype == jnp.uint32 and np.ndim(key) == 1:
-        return
+        if np.shape(key)[0] in _RAW_KEY_LENGTHS:
+            return
+        raise TypeError(
+            f"{label} is a uint32 array of shape {np.shape(key)}, which is not a "
+            "legacy PRNG key (jax.random.PRNGKey(seed) has shape (2,)); pass "
+            "jax.random.key(seed), and split batches of keys "
+            "before the call."
+        )
     got = f"shape {getattr(key, 'shape', None)} dtype {dtype}" if dtype else type(key).__name__
     raise TypeError(
-        f"rng argument {label} must be one PRNG key (jax.random.key(seed), or a legacy "
+        f"{label} must be one PRNG key (jax.random.key(seed), or a legacy "
         f"uint32 jax.random.PRNGKey(seed)), got {got}; split batches of keys before the call "
         "or pass the key array as a batch argument instead."
     )
+
+
+def _check_in_axes(in_axes: Any, n_batch: int) -> tuple[int, ...]:
+    """One example axis for all batch arguments, or one per batch argument."""
+    given = (in_axes,) if isinstance(in_axes, (int, np.integer)) else in_axes
+    try:
+        axes = tuple(given)
+    except TypeError:
+        axes = ()
+    ok = all(isinstance(a, (int, np.integer)) and not isinstance(a, bool) and a >= 0 for a in axes)
+    if not axes or not ok or len(axes) not in (1, n_batch):
+        raise ValueError(
+            f"in_axes must be a non-negative int (the example axis of every batch argument) "
+            f"or one per batch argument ({n_batch}: batch_argnums, then batch_argnames), "
+            f"got {in_axes!r}; e.g. in_axes=1 for time-major (T, N, ...) batches."
+        )
+    return tuple(int(a) for a in axes)
+
+
+def _check_num_real(num_real: Any, k: int) -> Any:
+    """None, a concrete count in [0, k], or a traced integer scalar (clipped when run)."""
+    if num_real is None:
+        return None
+    if isinstance(num_real, jax.core.Tracer):
+        dtype = num_real.dtype
+        if np.shape(num_real) != () or not jnp.issubdtype(dtype, jnp.integer):
+            raise TypeError(
+                f"num_real_microbatches must be an integer scalar, got shape "
+                f"{np.shape(num_real)} dtype {dtype}; e.g. jnp.int32(m)."
+            )
+        return num_real
+    value = np.asarray(num_real)
+    if value.shape != () or not np.issubdtype(value.dtype, np.integer) or not 0 <= value <= k:
+        raise ValueError(
+            f"num_real_microbatches must be an integer in [0, k={k}] (how many of the k "
+            f"micro-batches run), got {num_real!r}."
+        )
+    return int(value)
 
 
 def _check_carry(before: dict[str, Any], after: dict[str, Any]) -> None:
@@ -116,6 +169,8 @@ def accumulate(
     axis_name: DataAxis | None = None,
     fsdp: FSDP = "per_microbatch",
     in_specs: Sequence[Any] | None = None,
+    in_axes: int | Sequence[int] = 0,
+    num_real_microbatches: int | jax.Array | None = None,
 ) -> F:
     """Runs ``step_fn`` over k micro-batches of a batch and reduces the outputs.
 
@@ -157,11 +212,14 @@ def accumulate(
       weight_fn: called with the micro-batch argument(s), returns a scalar weight
         ``w_j`` (e.g. ``lambda mb: mb["mask"].sum()``); floating outputs then default to
         the weighted mean ``sum_j w_j out_j / sum_j w_j``, exact for token-mean losses.
-      reduce: a :class:`Reduce` (or its string value), or a pytree prefix of the outputs
-        with a ``Reduce`` or ``None`` (dtype default) at each node.
+      reduce: a :class:`Reduce` (or its string value), a :class:`Reduction` (your own),
+        or a pytree prefix of the outputs with one of those or ``None`` (dtype default)
+        at each node.
       split: ``"strided"`` (default), ``"contiguous"`` or ``"presplit"``; see :data:`Split`.
       accum_dtype: dtype of the running sums of floating leaves (promoted with the leaf's
-        own dtype, so float64 stays float64); outputs are cast back once at the end.
+        own dtype, so float64 stays float64); outputs are cast back once at the end. None
+        sums each leaf in its own dtype. Weight sums are float32, or float64 when the
+        accumulators or floating outputs are.
       unroll: micro-batches per loop iteration, passed to ``jax.lax.scan``. 1 (default)
         keeps one micro-batch's activations alive and program size and compile time
         independent of k; with u > 1 XLA keeps about u micro-batches' activations alive
@@ -193,18 +251,31 @@ def accumulate(
         axes. Default: read from each argument's type, which carries it on meshes with
         Explicit axes (``jax.make_mesh``'s default); traced arrays on Auto axes carry no
         placement and are taken as replicated unless given here.
+      in_axes: the example axis of the batch arguments: one int for all, or one per
+        batch argument (``batch_argnums`` then ``batch_argnames``), e.g. 1 for
+        time-major ``(T, N, ...)`` batches. The axis is split in place by a free reshape
+        (the batch is not moved or copied) and each micro-batch keeps its example axis
+        at the same position.
+      num_real_microbatches: run only the first m of the k micro-batches (an int in
+        [0, k], or an integer scalar that may be traced or batched under ``jax.vmap``;
+        traced values are clipped to [0, k]). The loop is then a ``lax.while_loop``:
+        ``MEAN`` divides by m, weighted means by the weights that ran, ``LAST`` is
+        micro-batch m-1's, rows of ``STACK``/``CONCAT`` outputs for micro-batches that
+        did not run are zeros, and m = 0 gives zeros.
 
     Returns:
       A function with ``step_fn``'s signature returning the reduced outputs, or
       ``(reduced_outputs, final_state)`` when arguments are carried.
 
     Raises:
-      ValueError: for a bad ``k``, ``split``, ``unroll`` or ``accum_dtype``, or an argument
-        given two roles. At trace time, for batches that cannot be split, a ``reduce``
-        spec that does not fit the outputs, a non-scalar weight, or carried state that
-        changes structure, shape or dtype.
+      ValueError: for a bad ``k``, ``split``, ``unroll``, ``accum_dtype``, ``in_axes`` or
+        concrete ``num_real_microbatches``, an argument given two roles, or a position
+        past ``step_fn``'s parameters. At trace time, for batches that cannot be split, a
+        ``reduce`` spec that does not fit the outputs, a non-scalar weight, or carried
+        state that changes structure, shape or dtype.
       TypeError: at trace time, for non-array batch leaves, a missing batch argument, a
-        reduction that does not fit a leaf's dtype, or an rng argument that is no PRNG key.
+        reduction that does not fit a leaf's dtype, an output that is not an array or a
+        number, or an rng argument that is no PRNG key.
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxaccum
@@ -244,6 +315,18 @@ def accumulate(
       >>> first = lambda b: (b["i"][0], b["i"].sum())  # a prefix spec: one entry per output
       >>> jaxaccum.accumulate(first, k=3, batch_argnums=0, reduce=("last", None))(ids)
       (Array(2, dtype=int32), Array(15, dtype=int32))
+
+      Early stop with a traced count, and a time-major batch (examples on axis 1);
+      ``CONCAT`` gives per-example outputs back in the batch's order.
+
+      >>> run = jax.jit(lambda b, m: jaxaccum.accumulate(
+      ...     lambda b: b.sum(), k=3, batch_argnums=0, num_real_microbatches=m)(b))
+      >>> int(run(jnp.arange(6), 2))  # micro-batches [0, 3] and [1, 4]
+      8
+      >>> seqs = jnp.arange(12).reshape(2, 6)  # (time, examples)
+      >>> jaxaccum.accumulate(lambda s: s[1] * 10, k=3, batch_argnums=0, in_axes=1,
+      ...                     reduce="concat")(seqs).tolist()
+      [60, 70, 80, 90, 100, 110]
 
       Keyword batch arguments, and carried state: ``step_fn`` returns ``(out, new_state)``
       and micro-batch j+1 sees micro-batch j's state.
@@ -295,7 +378,10 @@ def accumulate(
         raise ValueError("no batch argument: give batch_argnums= or batch_argnames=.")
     _args.check_disjoint(roles)
     dp = _sharding.data_parallel(data_axis, mesh, axis_name, fsdp, in_specs)
-    if k == 1 and Reduce.STACK not in spec and dp is None:
+    axes = _check_in_axes(in_axes, len(roles["batch"]))
+    num_real = _check_num_real(num_real_microbatches, k)
+    plain = all(r is None or _reduce.is_builtin(r, *_reduce.PER_STEP) for r in spec)
+    if k == 1 and plain and dp is None and num_real is None:
         return step_fn
     run = functools.partial(
         _run,
@@ -307,18 +393,19 @@ def accumulate(
         split=split,
         accum_dtype=accum,
         unroll=unroll,
+        in_axes=axes,
     )
 
     @functools.wraps(step_fn)
     def accumulated(*args: Any, **kwargs: Any) -> Any:
         call = BoundCall(args, kwargs)
         if dp is not None and not dp.bound:
-            return _devices.run_sharded(run, call, roles, k, split, dp, SCOPE)
+            return _devices.run_sharded(run, call, roles, k, split, dp, SCOPE, axes, num_real)
         with jax.named_scope(SCOPE):
             if dp is None:
-                return run(call)
+                return run(call, num_real=num_real)
             local = _devices.bound(dp)
-            return run(_devices.varying(call, roles, dp.axes), local=local)
+            return run(_devices.varying(call, roles, dp.axes), local=local, num_real=num_real)
 
     return accumulated  # type: ignore[return-value]
 
@@ -333,6 +420,30 @@ def _typed(x: jax.Array, aval: Any) -> jax.Array:
     return _join_varying(x, aval)
 
 
+def _check_outputs(out: Any) -> Any:
+    """The step's outputs as arrays; Python numbers and bools become constants."""
+
+    def one(path: Any, x: Any) -> Any:
+        if isinstance(x, (jax.Array, np.ndarray, np.generic, bool, int, float, complex)):
+            return jnp.asarray(x)
+        raise TypeError(
+            f"step_fn returned a {type(x).__name__} at output{jax.tree_util.keystr(path)}; "
+            "every output leaf must be an array or a number. Return strings and other "
+            "Python objects from a function outside the accumulated step."
+        )
+
+    return jax.tree_util.tree_map_with_path(one, out)
+
+
+def _weight_dtype(accum_dtype: np.dtype | None, flat_avals: list[Any]) -> np.dtype:
+    """Weight sums: float32, or as wide as the accumulators and floating outputs."""
+    dtype = np.dtype(jnp.float32) if accum_dtype is None else accum_dtype
+    for a in flat_avals:
+        if jnp.issubdtype(a.dtype, jnp.inexact):
+            dtype = jnp.promote_types(dtype, jnp.finfo(a.dtype).dtype)
+    return np.dtype(jnp.promote_types(dtype, jnp.float32))
+
+
 def _run(
     step_fn: Callable[..., Any],
     call: BoundCall,
@@ -342,8 +453,10 @@ def _run(
     weight_fn: Callable[..., Any] | None,
     reduce: Any,
     split: Split,
-    accum_dtype: np.dtype,
+    accum_dtype: np.dtype | None,
     unroll: int | bool,
+    in_axes: tuple[int, ...],
+    num_real: Any,
     local: Local | None = None,
 ) -> Any:
     """The micro-batch loop; with ``local`` it runs per device and combines after the loop."""
@@ -352,8 +465,8 @@ def _run(
     state = tuple(call.get(ref, "carry") for ref in carry_refs)
     keys = tuple(call.get(ref, "rng") for ref in rng_refs)
     for ref, key in zip(rng_refs, keys, strict=True):
-        _check_key(key, ref.label)
-    views, axis = _split.microbatches(batch, k, split)
+        _check_key(key, ref.describe("rng"))
+    views, axes = _split.microbatches(batch, k, split, _split.axes_of(batch, in_axes))
     if local is not None and keys:
         device = _sharding.device_index(local.axes)
         keys = tuple(jax.random.fold_in(key, device) for key in keys)
@@ -361,9 +474,11 @@ def _run(
 
     def one(views: Any, state: tuple[Any, ...], j: Any) -> tuple[Any, Any, Any]:
         """Micro-batch j: the user's step called on it, as a hand-written loop would."""
-        mb = _split.index(views, j, axis)
+        # Views pass through jax tracing as a dict, which sorts its keys: read by label.
+        index = _split.index(views, j, axes)
+        mb = [index[ref.label] for ref in batch_refs]
         step_call = local.gather(call, j) if gather_in_loop and local is not None else call
-        values = dict(zip(batch_refs, mb.values(), strict=True))
+        values = dict(zip(batch_refs, mb, strict=True))
         values.update(zip(carry_refs, state, strict=True))
         values.update(
             (ref, jax.random.fold_in(key, j)) for ref, key in zip(rng_refs, keys, strict=True)
@@ -374,8 +489,8 @@ def _run(
             out, new_state = _unpack_state(result, len(carry_refs))
         else:
             out, new_state = result, ()
-        out = jax.tree.map(jnp.asarray, out)
-        w = None if weight_fn is None else weight_fn(*mb.values())
+        out = _check_outputs(out)
+        w = None if weight_fn is None else weight_fn(*mb)
         return out, new_state, w
 
     # The step's output types, traced on micro-batch 0 with its whole abstract type.
@@ -390,30 +505,45 @@ def _run(
     if weight_fn is not None:
         _check_weight(w_aval)
     state = jax.tree.map(_join_varying, state, state_avals)
-    reductions = _reduce.resolve(reduce, out_avals, weight_fn is not None)
+    base = _reduce.ReduceContext(None, k, accum_dtype, split, weight_fn is not None)
+    reductions = _reduce.resolve(reduce, out_avals, base)
     treedef: Any
-    flat_r, treedef = jax.tree.flatten(reductions, is_leaf=lambda x: isinstance(x, Reduce))
+    is_r = lambda x: isinstance(x, _reduce.Reduction)  # noqa: E731
+    flat_r, treedef = jax.tree.flatten(reductions, is_leaf=is_r)
     flat_avals = treedef.flatten_up_to(out_avals)
+    paths = [
+        "output" + jax.tree_util.keystr(path)
+        for path, _ in jax.tree_util.tree_flatten_with_path(reductions, is_leaf=is_r)[0]
+    ]
+    ctxs = [base._replace(out=a) for a in flat_avals]
     flat_lay = _devices.out_layouts(local, call, out_avals, flat_r, treedef)
     scatter_now = [lay is not None and lay.split and gather_in_loop for lay in flat_lay]
     accs = [
         _layouts.constrain(
-            _typed(_reduce.init(r, _devices.shard_shape(a, lay if now else None), accum_dtype), a),
+            jax.tree.map(
+                lambda x, a=a: _typed_carry(x, a),
+                r.init(_devices.shard_shape(a, lay if now else None), c),
+            ),
             lay,
         )
-        for r, a, lay, now in zip(flat_r, flat_avals, flat_lay, scatter_now, strict=True)
+        for r, a, c, lay, now in zip(flat_r, flat_avals, ctxs, flat_lay, scatter_now, strict=True)
     ]
-    w_dtype = jnp.promote_types(accum_dtype, jnp.float32)
+    for r, a, c, acc, path in zip(flat_r, flat_avals, ctxs, accs, paths, strict=True):
+        _check_reduction_carry(r, a, c, acc, path)
+    w_dtype = _weight_dtype(accum_dtype, flat_avals)
     w_init = jnp.zeros((), w_dtype) if w_aval is None else _typed(jnp.zeros((), w_dtype), w_aval)
+    # Every micro-batch's weight, for combining outputs over devices (LAST, STACK).
+    keep_ws = w_aval is not None and local is not None
+    ws_init = _typed(jnp.zeros((k,), w_dtype), w_aval) if keep_ws else None
     # XLA:CPU runs convolutions slowly inside a loop unless they are in one layout; the
     # CPU backend gets the loop body with them rewritten (see _cpu_conv). Elsewhere, and
     # for every step without such convolutions, the body calls the step as it is.
     rewrite = k > 1 and jax.default_backend() == "cpu" and _cpu_conv.needs_rewrite(closed.jaxpr)
 
-    def body(carry: Any, _: None) -> tuple[Any, Any]:
+    def body(carry: Any) -> Any:
         # The micro-batch index j is carried (not scanned over an arange): the slices
         # fused into the step's ops then read it directly, as a scan over xs would.
-        accs, state, w_sum, j = carry
+        accs, state, w_sum, ws, j = carry
         if rewrite:
             out, new_state, w = _cpu_conv.call(one, views, state, j)
         else:
@@ -421,36 +551,60 @@ def _run(
         w = None if w is None else jnp.asarray(w).astype(w_dtype)
         flat_out = treedef.flatten_up_to(out)
         accs = [
-            _layouts.constrain(_devices.update(r, a, x, w, lay if now else None), lay)
-            for r, a, x, lay, now in zip(flat_r, accs, flat_out, flat_lay, scatter_now, strict=True)
+            _layouts.constrain(
+                _devices.update(r, a, x, c._replace(index=j, weight=w), lay if now else None),
+                lay,
+            )
+            for r, a, x, c, lay, now in zip(
+                flat_r, accs, flat_out, ctxs, flat_lay, scatter_now, strict=True
+            )
         ]
-        stacked = [x if r is Reduce.STACK else None for r, x in zip(flat_r, flat_out, strict=True)]
-        w_sum = w_sum if w is None else w_sum + jnp.where(w > 0, w, 0)
-        return (accs, new_state, w_sum, j + 1), (stacked, w)
+        if w is not None:
+            w_sum = w_sum + jnp.where(w > 0, w, 0)
+        if ws is not None:
+            ws = jax.lax.dynamic_update_index_in_dim(ws, w, j, 0)
+        return accs, new_state, w_sum, ws, j + 1
 
-    init = (accs, state, w_init, jnp.int32(0))
-    if k == 1:  # no loop at all: a length-1 scan can cost more than the step itself
-        (accs, state, w_sum, _), (stacked, ws) = body(init, None)
-        stacked, ws = jax.tree.map(lambda y: y[None], (stacked, ws))
-    else:
-        (accs, state, w_sum, _), (stacked, ws) = jax.lax.scan(
-            body, init, None, length=k, unroll=unroll
-        )
-    accs = [ys if r is Reduce.STACK else a for r, a, ys in zip(flat_r, accs, stacked, strict=True)]
-    count = k
+    carry = (accs, state, w_init, ws_init, jnp.int32(0))
+    count: Any = k if num_real is None else num_real
+    if isinstance(count, jax.Array):
+        # Early stop at a traced m (possibly batched under vmap): a while loop with a
+        # dynamic bound, as lax.fori_loop builds. Not reverse-differentiable, like any.
+        count = jnp.clip(count.astype(jnp.int32), 0, k)
+        carry = jax.lax.while_loop(lambda c: c[-1] < count, body, carry)
+    elif count == 1:  # no loop at all: a length-1 scan can cost more than the step itself
+        carry = body(carry)
+    elif count > 1:  # all k, or a concrete m < k: a scan of that length
+        carry = jax.lax.scan(
+            lambda c, _: (body(c), None), carry, None, length=count, unroll=unroll
+        )[0]
+    accs, state, w_sum, ws, _ = carry
     if local is not None:
-        axes = local.axes
-        accs = [
-            _devices.replicas(a, lay, axes) if now else _devices.combine(r, a, ws, axes, lay)
-            for r, a, lay, now in zip(flat_r, accs, flat_lay, scatter_now, strict=True)
-        ]
-        count = k * local.devices
+        devices = local.devices
+        gathered: list[Any] = []
+        for i, (r, a, c, lay, now) in enumerate(
+            zip(flat_r, accs, ctxs, flat_lay, scatter_now, strict=True)
+        ):
+            dev = c._replace(weights=ws, axes=local.axes, count=count)
+            if now:
+                accs[i] = _devices.replicas(a, lay, local.axes)
+            elif r.combine is not None:
+                accs[i] = _devices.combine(r, a, dev, lay)
+            else:  # finalize on each device, gather the results, aggregate them
+                mine = r.finalize(a, c._replace(count=count, weight_sum=w_sum))
+                gathered.append((i, _devices.aggregate(r, mine, local.axes, paths[i])))
+        # Devices inside a caller's shard_map may each have run their own number.
+        traced = isinstance(count, jax.Array)
+        count = jax.lax.psum(count, local.axes) if traced else count * devices
         if weight_fn is not None:
-            w_sum = jax.lax.psum(w_sum, axes)
-        state = _sharding.combine_state(state, axes)
+            w_sum = jax.lax.psum(w_sum, local.axes)
+        state = _sharding.combine_state(state, local.axes)
+    else:
+        gathered = []
+    done = dict(gathered)
     out_flat = [
-        a if r is Reduce.STACK else _reduce.finish(r, a, s.dtype, count, w_sum)
-        for r, a, s in zip(flat_r, accs, flat_avals, strict=True)
+        done[i] if i in done else r.finalize(a, c._replace(count=count, weight_sum=w_sum))
+        for i, (r, a, c) in enumerate(zip(flat_r, accs, ctxs, strict=True))
     ]
     out = treedef.unflatten(out_flat)
     result = out if not carry_refs else (out, state[0] if len(carry_refs) == 1 else state)
@@ -458,6 +612,37 @@ def _run(
         state_leaves = len(jax.tree.leaves(result)) - len(out_flat)
         local.out_layouts = list(flat_lay) + [None] * state_leaves
     return result
+
+
+def _typed_carry(x: jax.Array, aval: Any) -> jax.Array:
+    """A reduction's carry leaf typed like the output it reduces: the output's sharding
+    for a leaf of its shape, with a leading unsharded axis for a stacked ``(k, ...)``
+    buffer, and only the varying axes for anything else."""
+    if x.shape == aval.shape:
+        return _typed(x, aval)
+    sharding: Any = getattr(aval, "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    if x.shape[1:] == aval.shape and spec is not None:
+        stacked = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(None, *spec))
+        return _typed(x, aval.update(shape=x.shape, sharding=stacked))
+    return _join_varying(x, aval)
+
+
+def _check_reduction_carry(r: Any, out: Any, ctx: Any, carry: Any, path: str) -> None:
+    """Raises unless a user-defined reduction's ``update`` keeps its carry's type."""
+    if isinstance(r, _reduce._Summed) or any(r is b for b in _reduce.BUILTIN.values()):
+        return
+    step = ctx._replace(index=jnp.int32(0), weight=jnp.float32(1))
+    after = jax.eval_shape(lambda c, x: r.update(c, x, step), carry, out)
+    before = jax.eval_shape(lambda c: c, carry)
+    types = lambda t: jax.tree.map(lambda v: (v.shape, v.dtype), t)  # noqa: E731
+    s_after: Any = jax.tree.structure(after)  # PyTreeDef: no annotations mypy resolves
+    if s_after != jax.tree.structure(before) or types(after) != types(before):
+        raise TypeError(
+            f"reduction {r.name} at {path}: update returned a carry of type {types(after)}, "
+            f"but init made {types(before)}; the carry must keep its structure, shapes and "
+            "dtypes (cast in update, e.g. new.astype(old.dtype))."
+        )
 
 
 def _join_varying(x: Any, aval: Any) -> Any:

@@ -21,12 +21,31 @@ class ArgRef:
 
     @property
     def label(self) -> str:
-        """A readable name for error messages, e.g. ``batch`` or ``argument 1``."""
+        """The argument's name, e.g. ``batch`` or ``argument 1``; leaf paths start with it."""
         return self.name if self.name is not None else f"argument {self.num}"
+
+    def describe(self, role: str) -> str:
+        """The argument in a sentence: ``the batch argument x`` or ``... at position 2``."""
+        where = self.name if self.name is not None else f"at position {self.num}"
+        return f"the {role} argument {where}" if role else f"the argument {where}"
+
+
+class Option(tuple[Any, ...]):
+    """The items of one option, such as ``batch_argnums``, and the option's name."""
+
+    name: str
+
+    def __new__(cls, items: Sequence[Any], name: str) -> Option:
+        option = super().__new__(cls, items)
+        option.name = name
+        return option
 
 
 def as_tuple(value: Any, option: str, kind: type) -> tuple[Any, ...]:
-    """Normalises an ``int | Sequence[int]`` (or str) option to a tuple, checking types."""
+    """Normalises an ``int | Sequence[int]`` (or str) option to a tuple, checking types.
+
+    The result is an :class:`Option`, so later checks can name the option it came from.
+    """
     items = (value,) if isinstance(value, (int, str)) else tuple(value)
     for item in items:
         if kind is int:
@@ -35,17 +54,51 @@ def as_tuple(value: Any, option: str, kind: type) -> tuple[Any, ...]:
             operator.index(item)
         elif not isinstance(item, str) or not item.isidentifier():
             raise TypeError(f"{option} must hold argument names (str), got {item!r}.")
-    return items
+    return Option(items, option)
+
+
+def _plain_signature(params: list[inspect.Parameter]) -> inspect.Signature:
+    """The signature without annotations, e.g. ``(params, batch, *, scale=1.0)``."""
+    return inspect.Signature([p.replace(annotation=inspect.Parameter.empty) for p in params])
+
+
+def _check_in_range(nums: Sequence[int], params: list[inspect.Parameter]) -> None:
+    """Raises if a position is past the positional ``params`` (unless there is ``*args``)."""
+    if any(p.kind == inspect.Parameter.VAR_POSITIONAL for p in params):
+        return
+    positional = [p.name for p in params if p.kind in _POSITIONAL]
+    bad = [num for num in nums if num >= len(positional)]
+    if not bad:
+        return
+    # accumulate's default batch position comes as a plain tuple, not from as_tuple.
+    option = nums.name if isinstance(nums, Option) else "batch_argnums"
+    given = f"{option}={bad[0]}" + ("" if isinstance(nums, Option) else " (the default)")
+    by_name = f"name a keyword parameter with {option.replace('argnums', 'argnames')}="
+    if positional:
+        places = ", ".join(f"{n} at {i}" for i, n in enumerate(positional))
+        takes = f"positional parameters {places}; give {option} one of these positions, or "
+    else:
+        takes = "no positional parameters; "
+    raise ValueError(
+        f"{given} is out of range: step_fn{_plain_signature(params)} takes {takes}{by_name}."
+    )
 
 
 def resolve_refs(
     fn: Callable[..., Any], nums: Sequence[int], names: Sequence[str]
 ) -> tuple[ArgRef, ...]:
-    """Pairs positions with names using ``fn``'s signature where it has one (like jax.jit)."""
+    """Pairs positions with names using ``fn``'s signature where it has one (like jax.jit).
+
+    Raises:
+      ValueError: if ``fn`` has a signature without ``*args`` and a position in ``nums``
+        is past its positional parameters.
+    """
     try:
         params = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):
         params = []
+    else:
+        _check_in_range(nums, params)
     positional = [p for p in params if p.kind in _POSITIONAL]
     refs: list[ArgRef] = []
     for num in nums:
@@ -90,7 +143,7 @@ class BoundCall:
             return "kwargs", ref.name
         got = f"{len(self.args)} positional argument(s) and keywords {sorted(self.kwargs)}"
         raise TypeError(
-            f"the {role} argument {ref.label} was not passed (got {got}); pass it, or point "
+            f"{ref.describe(role)} was not passed (got {got}); pass it, or point "
             f"jaxaccum.accumulate at it with {role}_argnums=/{role}_argnames=."
         )
 

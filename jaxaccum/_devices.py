@@ -29,7 +29,6 @@ from jaxaccum._layouts import (
     match_outputs,
     scatter,
 )
-from jaxaccum._reduce import Reduce
 from jaxaccum._sharding import DataParallel
 from jaxaccum._split import Split
 
@@ -117,6 +116,8 @@ def run_sharded(
     split: Split,
     dp: DataParallel,
     scope: str,
+    in_axes: tuple[int, ...] = (0,),
+    num_real: Any = None,
 ) -> Any:
     """``run`` under ``shard_map``: a local scan per device, outputs combined after it."""
     mesh = dp.resolve_mesh()
@@ -124,11 +125,12 @@ def run_sharded(
     batch_refs = roles["batch"]
     batch = {ref.label: call.get(ref, "batch") for ref in batch_refs}
     presplit = split == "presplit"
-    n = _split.leading_size(batch)  # checks the leaves first
-    check_batch_placed(batch, dp, mesh, presplit)
+    axes = _split.axes_of(batch, in_axes)
+    n = _split.leading_size(batch, axes=axes)  # checks the leaves first
+    check_batch_placed(batch, dp, mesh, presplit, axes)
     first = next(p for label, t in batch.items() for p, _ in _split.leaves_with_paths(t, label))
     if presplit:
-        n = _split.presplit_size(batch, k)
+        n = _split.presplit_size(batch, k, axes)
     _sharding.check_shards(n, 1 if presplit else k, shards, first)
     layouts = arg_layouts(call, roles, dp, mesh)
     specs: dict[ArgRef, Any] = {
@@ -140,7 +142,7 @@ def run_sharded(
         )
         for ref, tree in layouts.items()
     }
-    specs.update({ref: _sharding.batch_spec(dp, presplit) for ref in batch_refs})
+    specs.update({ref: _sharding.batch_spec(dp, presplit, axes[ref.label]) for ref in batch_refs})
     replicated = jax.sharding.PartitionSpec()
     arg_specs, kwarg_specs = BoundCall(
         tuple(replicated for _ in call.args), dict.fromkeys(call.kwargs, replicated)
@@ -150,13 +152,13 @@ def run_sharded(
     sharded = Local(dp.axes, shards, layouts).splits()
     found: list[Any] = []
 
-    def local(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def local(args: tuple[Any, ...], kwargs: dict[str, Any], num_real: Any) -> Any:
         where = Local(dp.axes, shards, layouts)
         inner = BoundCall(args, kwargs)
         with jax.named_scope(scope):
             if sharded and dp.fsdp == "gather_once":
                 inner, where.gathered = where.gather(inner), True
-            result = run(inner, local=where)
+            result = run(inner, local=where, num_real=num_real)
         treedef: Any
         flat, treedef = jax.tree.flatten(result)
         specs = [in_spec(lay, np.ndim(x)) for x, lay in zip(flat, where.out_layouts, strict=True)]
@@ -167,13 +169,19 @@ def run_sharded(
         return jax.shard_map(
             local,
             mesh=mesh,
-            in_specs=(tuple(arg_specs), kwarg_specs),
+            in_specs=(tuple(arg_specs), kwarg_specs, replicated),
             out_specs=out_specs,
             axis_names=set(dp.axes),
             check_vma=False,
         )
 
-    args = (_sharding.as_array_tree(tuple(call.args)), _sharding.as_array_tree(call.kwargs))
+    # A traced count of micro-batches to run enters as a replicated argument: shard_map
+    # cannot close over values typed on Explicit axes.
+    args = (
+        _sharding.as_array_tree(tuple(call.args)),
+        _sharding.as_array_tree(call.kwargs),
+        num_real,
+    )
     if not sharded:
         return mapped(replicated)(*args)
     # Gradients of sharded arguments leave sharded; which outputs they are is known once
@@ -203,7 +211,7 @@ def arg_layouts(
         if role != "argument":
             if any(lay is not None for lay in jax.tree.leaves(tree, is_leaf=_none)):
                 raise ValueError(
-                    f"{role} argument {ref.label} is sharded over the data axes {dp.axes}, "
+                    f"{ref.describe(role)} is sharded over the data axes {dp.axes}, "
                     "but carried state and keys are replicated over them; replicate it: "
                     "jax.device_put(value, NamedSharding(mesh, P()))."
                 )
@@ -266,7 +274,7 @@ def varying(
 
 
 def out_layouts(
-    local: Local | None, call: BoundCall, out_avals: Any, flat_r: list[Reduce], treedef: Any
+    local: Local | None, call: BoundCall, out_avals: Any, flat_r: list[Any], treedef: Any
 ) -> list[Any]:
     """Per output leaf, the layout of the sharded argument it is the gradient of, or None.
 
@@ -275,9 +283,8 @@ def out_layouts(
     if local is None or not local.layouts:
         return [None] * len(flat_r)
     flat = treedef.flatten_up_to(match_outputs(out_avals, local.candidates(call)))
-    summing = (Reduce.MEAN, Reduce.WEIGHTED_MEAN, Reduce.SUM)
     return [
-        lay if r in summing and jnp.issubdtype(a.dtype, jnp.inexact) else None
+        lay if isinstance(r, _reduce._Summed) and jnp.issubdtype(a.dtype, jnp.inexact) else None
         for lay, r, a in zip(flat, flat_r, treedef.flatten_up_to(out_avals), strict=True)
     ]
 
@@ -289,11 +296,11 @@ def shard_shape(aval: Any, layout: Sharded | None) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(tuple(shape), aval.dtype)
 
 
-def update(r: Reduce, acc: jax.Array, x: jax.Array, w: jax.Array | None, layout: Any) -> jax.Array:
+def update(r: Any, acc: Any, x: Any, ctx: Any, layout: Any) -> Any:
     """Folds one micro-batch in; a sharded gradient is reduce-scattered into its shard."""
     if layout is None:
-        return _reduce.update(r, acc, x, w)
-    return acc + scatter(_reduce.contribution(r, x, w, acc.dtype), layout)
+        return r.update(acc, x, ctx)
+    return acc + scatter(r.contribution(x, ctx, acc.dtype), layout)
 
 
 def replicas(acc: jax.Array, layout: Sharded, axes: tuple[str, ...]) -> jax.Array:
@@ -306,8 +313,20 @@ def replicas(acc: jax.Array, layout: Sharded, axes: tuple[str, ...]) -> jax.Arra
     return jax.lax.psum(acc, rest) if rest else acc
 
 
-def combine(r: Reduce, acc: jax.Array, ws: Any, axes: tuple[str, ...], layout: Any) -> jax.Array:
+def combine(r: Any, acc: Any, ctx: Any, layout: Any) -> Any:
     """After the loop: one collective per output (a reduce-scatter for sharded gradients)."""
     if layout is None or not layout.split:
-        return constrain(_sharding.combine(r, acc, ws, axes), layout)
-    return replicas(scatter(acc, layout), layout, axes)
+        return constrain(r.combine(acc, ctx), layout)
+    return replicas(scatter(acc, layout), layout, ctx.axes)
+
+
+def aggregate(r: Any, value: Any, axes: tuple[str, ...], path: str) -> Any:
+    """A reduction without ``combine``: every device's result gathered and aggregated."""
+    if r.aggregate is None:
+        raise TypeError(
+            f"reduction {r.name} at {path} has neither combine nor aggregate, so its "
+            f"per-device results cannot be combined over the data axes {axes}; give the "
+            "jaxaccum.Reduction an aggregate= (how to reduce results stacked on a leading "
+            "axis) or a combine=."
+        )
+    return r.aggregate(jax.tree.map(lambda v: jax.lax.all_gather(v, axes), value))

@@ -235,7 +235,11 @@ def _is_layout(x: Any) -> bool:
 
 
 def check_batch_placed(
-    batch: dict[str, Any], dp: DataParallel, mesh: Any, presplit: bool = False
+    batch: dict[str, Any],
+    dp: DataParallel,
+    mesh: Any,
+    presplit: bool = False,
+    axes: dict[str, int] | None = None,
 ) -> None:
     """Raises unless every batch leaf is sharded over the data axes where that is visible.
 
@@ -244,10 +248,10 @@ def check_batch_placed(
     leading axis (the second one for a presplit batch) over them. A traced batch on Auto
     axes carries no placement and is split as it stands.
     """
-    example_dim = 1 if presplit else 0
-    wanted = "P(None, " if presplit else "P("
     explicit = bool(set(dp.axes) & _explicit_axes(mesh))
     for label, tree in batch.items():
+        example_dim = (axes or {}).get(label, 0) + presplit
+        wanted = "P(" + "None, " * example_dim
         for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
             if not hasattr(x, "dtype"):
                 continue  # not an array: _split.leading_size names it

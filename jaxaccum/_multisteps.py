@@ -12,7 +12,6 @@ import optax
 
 from jaxaccum import _reduce, _split
 from jaxaccum._accumulate import _check_accum_dtype
-from jaxaccum._reduce import Reduce
 
 SCOPE = "jaxaccum.multi_steps"
 _K_BAD = (
@@ -24,20 +23,23 @@ _K_BAD = (
 class MultiStepsState(NamedTuple):
     """State of :func:`multi_steps`.
 
-    The first four fields have the names and meaning of ``optax.MultiStepsState``'s, so
-    code that reads ``state.gradient_step`` or looks into ``state.inner_opt_state`` (for
-    example ``optax.tree.get(state, "count")``) works unchanged. Unlike optax's,
-    ``acc_grads`` holds a weighted sum, not a running mean, so the two states cannot be
-    swapped.
+    The first five fields have the names, order and meaning of
+    ``optax.MultiStepsState``'s, so code that reads ``state.gradient_step`` or looks into
+    ``state.inner_opt_state`` (for example ``optax.tree.get(state, "count")``) works
+    unchanged. Unlike optax's, ``acc_grads`` holds a weighted sum, not a running mean;
+    :meth:`from_optax` converts an optax state (a restored checkpoint) in one call.
 
     Attributes:
-      mini_step: calls accumulated in the current window (int32, from 0 to k - 1).
+      mini_step: calls accumulated in the current window (int32, from 0 to k - 1). Calls
+        of weight 0 and skipped calls do not count.
       gradient_step: inner optimizer updates applied so far (int32). ``every_k_schedule``
         is called with it, and the inner optimizer's own counters (its learning-rate
         schedule) also advance once per update, never once per call.
       inner_opt_state: the wrapped optimizer's state.
       acc_grads: ``sum_i w_i g_i`` over the window's calls, shaped like the params, in
-        ``accum_dtype`` (promoted with each param's dtype).
+        ``accum_dtype`` (promoted with each param's dtype; the params' dtype for None).
+      skip_state: what ``should_skip_update_fn`` returned for the last call (``()``
+        without one).
       acc_weight: ``sum_i w_i`` over the window (float32 scalar); without weights, the
         number of calls.
       emitted: whether the call that returned this state applied an update (bool scalar;
@@ -48,8 +50,53 @@ class MultiStepsState(NamedTuple):
     gradient_step: jax.Array
     inner_opt_state: Any
     acc_grads: Any
+    skip_state: Any
     acc_weight: jax.Array
     emitted: jax.Array
+
+    @classmethod
+    def from_optax(cls, state: Any, *, use_grad_mean: bool = True) -> MultiStepsState:
+        """This state from an ``optax.MultiStepsState`` (e.g. a restored checkpoint).
+
+        optax keeps the running mean of the window's ``mini_step`` gradients (their sum
+        with ``use_grad_mean=False``); this state keeps their sum and count, so training
+        resumed with :func:`multi_steps` on the same inner optimizer continues the
+        window where optax left it. Give :func:`multi_steps` the same
+        ``should_skip_update_fn`` (its ``skip_state`` is kept) and ``use_grad_mean``;
+        ``acc_grads`` keep optax's accumulator dtype (float32 by default, as here).
+
+        Args:
+          state: an ``optax.MultiStepsState``, or anything with its five fields.
+          use_grad_mean: what the ``optax.MultiSteps`` that made it was given.
+
+        Returns:
+          The equivalent :class:`MultiStepsState` (weights 1 per call).
+
+        Examples:
+          >>> import jax.numpy as jnp, optax, jaxaccum
+          >>> theirs = optax.MultiSteps(optax.sgd(1.0), 4)
+          >>> params, state = jnp.zeros(2), theirs.init(jnp.zeros(2))
+          >>> for g in ([1.0, 0.0], [3.0, 2.0]):
+          ...     _, state = theirs.update(jnp.array(g), state, params)
+          >>> ours = jaxaccum.MultiStepsState.from_optax(state)
+          >>> ours.acc_grads.tolist(), float(ours.acc_weight)
+          ([4.0, 2.0], 2.0)
+        """
+        mini = jnp.asarray(state.mini_step, jnp.int32)
+        step = jnp.asarray(state.gradient_step, jnp.int32)
+        count = mini.astype(_weight_dtype(None, jax.tree.leaves(state.acc_grads)))
+        acc = state.acc_grads
+        if use_grad_mean:
+            acc = jax.tree.map(lambda a: (a * count.astype(a.dtype)).astype(a.dtype), acc)
+        return cls(
+            mini_step=mini,
+            gradient_step=step,
+            inner_opt_state=state.inner_opt_state,
+            acc_grads=acc,
+            skip_state=getattr(state, "skip_state", ()),
+            acc_weight=count,
+            emitted=(mini == 0) & (step > 0),
+        )
 
 
 def _is_traced(*values: Any) -> bool:
@@ -129,8 +176,10 @@ def _call_weight(weight: Any, dtype: Any, staged: bool) -> jax.Array:
     return w.astype(dtype)
 
 
-def _zeros_acc(p: Any, accum: np.dtype) -> jax.Array:
+def _zeros_acc(p: Any, accum: np.dtype | None) -> jax.Array:
     dtype = jnp.asarray(p).dtype
+    if accum is None:
+        return jnp.zeros(jnp.shape(p), dtype)
     acc = jnp.promote_types(dtype, accum) if jnp.issubdtype(dtype, jnp.inexact) else accum
     return jnp.zeros(jnp.shape(p), acc)
 
@@ -162,7 +211,9 @@ def _check_state(state: Any, inner: Any, like_params: Any, source: str) -> None:
     if isinstance(state, optax.MultiStepsState):
         raise TypeError(
             "got an optax.MultiStepsState (from optax.MultiSteps); jaxaccum's multi_steps "
-            "keeps a weighted sum and needs its own state: multi_steps(optimizer, k).init(params)."
+            "keeps a weighted sum and needs its own state: convert it once with "
+            "jaxaccum.MultiStepsState.from_optax(state) (use_grad_mean= as optax was "
+            "given), or start from multi_steps(optimizer, k).init(params)."
         )
     if not isinstance(state, MultiStepsState):
         raise TypeError(
@@ -181,36 +232,38 @@ def _close(
     dtypes: Any,
     params: Any,
     extra_args: dict[str, Any],
+    mean: bool = True,
 ) -> tuple[Any, MultiStepsState]:
-    """Applies the inner optimizer to the window's mean if ``close`` and it has weight.
+    """Applies the inner optimizer to the window's mean (or sum) if ``close``.
 
-    ``dtypes`` gives, per leaf, the dtype the mean gradient is cast to. Only the branch
-    taken runs: the inner update is computed on applying calls alone.
+    ``dtypes`` gives, per leaf, the dtype the window's gradient is cast to. Only the
+    branch taken runs: the inner update is computed on applying calls alone.
     """
     apply = close & (state.acc_weight > 0)
 
-    def mean_update() -> tuple[Any, Any]:
-        mean = jax.tree.map(
-            lambda a, d: _reduce.finish(Reduce.WEIGHTED_MEAN, a, d, 1, state.acc_weight),
-            state.acc_grads,
-            dtypes,
-        )
-        return inner.update(mean, state.inner_opt_state, params, **extra_args)
+    def window_update() -> tuple[Any, Any]:
+        if mean:
+            grads = jax.tree.map(
+                lambda a, d: _reduce.weighted(a, state.acc_weight, d), state.acc_grads, dtypes
+            )
+        else:
+            grads = jax.tree.map(lambda a, d: a.astype(d), state.acc_grads, dtypes)
+        return inner.update(grads, state.inner_opt_state, params, **extra_args)
 
     def apply_update() -> tuple[Any, Any]:
-        updates, new_inner = mean_update()
+        updates, new_inner = window_update()
         cast = lambda n, o: jnp.asarray(n).astype(o.dtype)  # noqa: E731
         return updates, jax.tree.map(cast, new_inner, state.inner_opt_state)
 
     def hold() -> tuple[Any, Any]:
-        shapes = jax.eval_shape(mean_update)[0]
+        shapes = jax.eval_shape(window_update)[0]
         return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), state.inner_opt_state
 
     # Only the inner update sits in the cond; the window's sums are reset with a select
     # that fuses with the accumulation, which keeps XLA from copying them in a branch.
     updates, inner_state = jax.lax.cond(apply, apply_update, hold)
     step = state.gradient_step
-    new_state = MultiStepsState(
+    new_state = state._replace(
         mini_step=jnp.where(close, 0, state.mini_step).astype(jnp.int32),
         gradient_step=jnp.where(apply, optax.safe_increment(step), step).astype(step.dtype),
         inner_opt_state=inner_state,
@@ -221,13 +274,32 @@ def _close(
     return updates, new_state
 
 
+def _no_skip(updates: Any, gradient_step: Any, params: Any) -> tuple[jax.Array, Any]:
+    return jnp.zeros((), jnp.bool_), ()
+
+
+def _skip_decision(fn: Callable[..., Any], grads: Any, step: Any, params: Any) -> tuple[Any, Any]:
+    """``fn``'s verdict on this call's gradients, checked to be one bool."""
+    skip, skip_state = fn(grads, step, params)
+    skip = jnp.asarray(skip)
+    if skip.shape != () or skip.dtype != jnp.bool_:
+        raise TypeError(
+            f"should_skip_update_fn must return (bool scalar, skip_state), got a first "
+            f"element of shape {skip.shape} dtype {skip.dtype}; e.g. optax.skip_not_finite, "
+            "or return jnp.any(...) of your test."
+        )
+    return skip, skip_state
+
+
 def multi_steps(
     optimizer: optax.GradientTransformation,
     every_k_schedule: int | Callable[[jax.Array], Any],
     *,
     accum_dtype: Any = jnp.float32,
+    use_grad_mean: bool = True,
+    should_skip_update_fn: Callable[..., Any] | None = None,
     runtime_checks: bool = True,
-) -> optax.GradientTransformationExtraArgs:
+) -> MultiStepsTransformation:
     """Accumulates gradients over calls and applies ``optimizer`` once every k calls.
 
     For data that arrives one micro-batch per call. Each call adds ``w_i g_i`` and
@@ -237,14 +309,15 @@ def multi_steps(
     on the k micro-batches gives. Without weights ``w_i = 1``: the plain mean, like
     ``optax.MultiSteps``. With per-call weights (valid-token counts) it is the exact
     token mean across calls, which ``optax.MultiSteps`` cannot give: it averages calls
-    equally. A call of weight 0 adds nothing, even a NaN gradient.
+    equally. A call of weight 0 adds nothing, even a NaN gradient, and does not count
+    as one of the window's k calls (``mini_step`` stays), so a window always holds k
+    calls with data; a call skipped by ``should_skip_update_fn`` does not count either.
 
     The inner update sits in a ``jax.lax.cond`` branch and runs on applying calls only
     (``optax.MultiSteps`` computes it on every call and masks it); the other calls
     return zero updates. (Under ``jax.vmap`` with a batched state, JAX runs both
     branches and selects, as for any cond.) ``state.emitted`` tells whether a call
-    applied an update. A window whose calls all had weight 0 is dropped: nothing is
-    applied, ``emitted`` is False and ``gradient_step`` does not advance. Donate the
+    applied an update. Donate the
     state to the jitted step (``donate_argnums``) so that a non-emitting call updates
     the sums in place and leaves the inner state's buffers alone.
 
@@ -254,7 +327,16 @@ def multi_steps(
       every_k_schedule: calls per update: a positive int, or a function of
         ``state.gradient_step`` (the number of updates applied so far) returning an
         integer scalar, e.g. ``lambda step: jnp.where(step < 100, 2, 8)``.
-      accum_dtype: dtype of the running sums, promoted with each param's dtype.
+      accum_dtype: dtype of the running sums, promoted with each param's dtype; None
+        keeps each param's own dtype (optax's ``accumulator_dtype=None``).
+      use_grad_mean: True (default) applies the window's (weighted) mean; False its sum
+        ``sum_i w_i g_i`` (``sum_i g_i`` without weights), as ``optax.MultiSteps``'s
+        ``use_grad_mean=False``.
+      should_skip_update_fn: ``(grads, gradient_step, params) -> (skip, skip_state)``
+        with ``skip`` a bool scalar, e.g. ``optax.skip_not_finite`` or
+        ``functools.partial(optax.skip_large_updates, max_squared_norm=...)``. A skipped
+        call is as if it never happened (zero updates, the window unchanged), except
+        that ``state.skip_state`` holds what the function returned.
       runtime_checks: check traced schedule values and weights under ``jax.jit`` with a
         host callback (see Raises). A program holding a callback costs extra dispatch
         time on every call (see ``benchmarks/bench_multisteps.py``); with False nothing
@@ -262,7 +344,8 @@ def multi_steps(
         as 0, and a k below 1 as 1. Concrete values are always checked.
 
     Returns:
-      An ``optax.GradientTransformationExtraArgs``. ``init(params)`` gives a
+      An ``optax.GradientTransformationExtraArgs`` (with ``.inner``, the wrapped
+      optimizer, and ``.flush``, see :func:`flush`). ``init(params)`` gives a
       :class:`MultiStepsState`; ``update(grads, state, params=None, *, weight=None,
       **extra_args)`` gives ``(updates, new_state)``, with ``updates`` in the gradients'
       dtypes. ``weight`` is this call's scalar weight ``w_i >= 0`` (default 1).
@@ -318,22 +401,30 @@ def multi_steps(
       >>> opt.init(jnp.zeros(2, jnp.bfloat16)).acc_grads.dtype
       dtype('float32')
     """
-    if not isinstance(optimizer, optax.GradientTransformation):
-        raise TypeError(
-            f"optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}."
-        )
-    inner = optax.with_extra_args_support(optimizer)
+    inner = _as_inner(optimizer)
     schedule = _as_schedule(every_k_schedule)
     accum = _check_accum_dtype(accum_dtype)
-    weight_dtype = jnp.promote_types(accum, jnp.float32)
+    if not isinstance(use_grad_mean, bool):
+        raise TypeError(f"use_grad_mean must be a bool, got {use_grad_mean!r}.")
+    if should_skip_update_fn is not None and not callable(should_skip_update_fn):
+        raise TypeError(
+            "should_skip_update_fn must be callable (grads, gradient_step, params) -> (skip, "
+            f"skip_state), got {type(should_skip_update_fn).__name__}; e.g. "
+            "optax.skip_not_finite."
+        )
+    skip_fn = should_skip_update_fn or _no_skip
 
     def init(params: Any) -> MultiStepsState:
+        step = jnp.zeros((), jnp.int32)
+        zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.asarray(p).dtype), params)
+        leaves = jax.eval_shape(lambda: jax.tree.leaves(params))
         return MultiStepsState(
             mini_step=jnp.zeros((), jnp.int32),
-            gradient_step=jnp.zeros((), jnp.int32),
+            gradient_step=step,
             inner_opt_state=inner.init(params),
             acc_grads=jax.tree.map(lambda p: _zeros_acc(p, accum), params),
-            acc_weight=jnp.zeros((), weight_dtype),
+            skip_state=_skip_decision(skip_fn, zeros, step, params)[1],
+            acc_weight=jnp.zeros((), _weight_dtype(accum, leaves)),
             emitted=jnp.zeros((), jnp.bool_),
         )
 
@@ -348,21 +439,67 @@ def multi_steps(
         _check_state(state, inner, grads, "the gradients")
         with jax.named_scope(SCOPE):
             k = _calls_per_update(schedule, state.gradient_step, runtime_checks)
+            skip, skip_state = _skip_decision(skip_fn, grads, state.gradient_step, params)
             if weight is None:
-                w, total = None, state.acc_weight + 1
-                how = Reduce.MEAN
+                w = jnp.ones((), state.acc_weight.dtype)
+                counts = ~skip
             else:
                 w = _call_weight(weight, state.acc_weight.dtype, runtime_checks)
-                total, how = state.acc_weight + jnp.where(w > 0, w, 0), Reduce.WEIGHTED_MEAN
-            acc = jax.tree.map(
-                lambda a, g: _reduce.update(how, a, jnp.asarray(g), w), state.acc_grads, grads
-            )
-            mini_step = state.mini_step + 1
-            window = state._replace(mini_step=mini_step, acc_grads=acc, acc_weight=total)
-            dtypes = jax.tree.map(lambda g: jnp.asarray(g).dtype, grads)
-            return _close(inner, window, mini_step >= k, dtypes, params, extra_args)
+                counts = ~skip & (w > 0)
 
-    return optax.GradientTransformationExtraArgs(init, update)
+            def add(a: jax.Array, g: Any) -> jax.Array:
+                wide = jnp.promote_types(a.dtype, w.dtype)  # w*g before any cast down
+                g = (jnp.asarray(g).astype(wide) * w.astype(wide)).astype(a.dtype)
+                return jnp.where(counts, a + g, a)
+
+            acc = jax.tree.map(add, state.acc_grads, grads)
+            mini_step = state.mini_step + counts.astype(jnp.int32)
+            window = state._replace(
+                mini_step=mini_step,
+                acc_grads=acc,
+                skip_state=skip_state,
+                acc_weight=state.acc_weight + jnp.where(counts, w, 0),
+            )
+            dtypes = jax.tree.map(lambda g: jnp.asarray(g).dtype, grads)
+            return _close(
+                inner, window, counts & (mini_step >= k), dtypes, params, extra_args, use_grad_mean
+            )
+
+    transform = MultiStepsTransformation(init, update)
+    transform.inner, transform.use_grad_mean = optimizer, use_grad_mean
+    return transform
+
+
+class MultiStepsTransformation(optax.GradientTransformationExtraArgs):  # type: ignore[misc]
+    """What :func:`multi_steps` returns: an Optax transformation that knows its inner one.
+
+    Attributes:
+      inner: the wrapped optimizer.
+      use_grad_mean: whether windows apply their mean (True) or sum (False).
+    """
+
+    inner: optax.GradientTransformation
+    use_grad_mean: bool
+
+    def flush(self, state: MultiStepsState, params: Any = None, **extra_args: Any) -> Any:
+        """:func:`flush` with this transformation."""
+        return flush(self, state, params, **extra_args)
+
+
+def _as_inner(optimizer: Any) -> Any:
+    if not isinstance(optimizer, optax.GradientTransformation):
+        raise TypeError(
+            f"optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}."
+        )
+    return optax.with_extra_args_support(optimizer)
+
+
+def _weight_dtype(accum: np.dtype | None, leaves: list[Any]) -> np.dtype:
+    dtype = np.dtype(jnp.float32) if accum is None else accum
+    for leaf in leaves:
+        if jnp.issubdtype(leaf.dtype, jnp.inexact):
+            dtype = jnp.promote_types(dtype, jnp.finfo(leaf.dtype).dtype)
+    return np.dtype(jnp.promote_types(dtype, jnp.float32))
 
 
 def flush(
@@ -377,10 +514,12 @@ def flush(
     inner optimizer's on ``sum_i w_i g_i / sum_i w_i`` over those m calls (without
     weights, the sum divided by m, not k), as a whole step on their examples would be.
     The window then closes as at its k-th call: ``mini_step`` 0, ``gradient_step`` + 1,
-    ``emitted`` True. A window whose calls all had weight 0 is dropped instead.
+    ``emitted`` True. With the transformation itself, a window-sum one
+    (``use_grad_mean=False``) applies the partial window's sum.
 
     Args:
-      optimizer: the inner optimizer given to :func:`multi_steps`.
+      optimizer: the transformation :func:`multi_steps` returned (its window sum or mean
+        setting is used), or the inner optimizer given to it (a mean is applied).
       state: the :class:`MultiStepsState` after the window's last call.
       params: the current params, if the inner optimizer needs them. The mean gradient
         is cast to their dtypes (to ``state.acc_grads``'s, without params).
@@ -414,11 +553,10 @@ def flush(
       ...
       ValueError: flush: nothing accumulated since the last update (mini_step=0)...
     """
-    if not isinstance(optimizer, optax.GradientTransformation):
-        raise TypeError(
-            f"optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}."
-        )
-    inner = optax.with_extra_args_support(optimizer)
+    mean = True
+    if isinstance(optimizer, MultiStepsTransformation):
+        optimizer, mean = optimizer.inner, optimizer.use_grad_mean
+    inner = _as_inner(optimizer)
     like = getattr(state, "acc_grads", None) if params is None else params
     _check_state(state, inner, like, "the params" if params is not None else "state.acc_grads")
     if not _is_traced(state.mini_step) and int(state.mini_step) == 0:
@@ -429,4 +567,4 @@ def flush(
         )
     dtypes = jax.tree.map(lambda x: jnp.asarray(x).dtype, like)
     with jax.named_scope(SCOPE):
-        return _close(inner, state, state.mini_step > 0, dtypes, params, extra_args)
+        return _close(inner, state, state.mini_step > 0, dtypes, params, extra_args, mean)

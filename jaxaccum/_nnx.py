@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxaccum import _bn
+from jaxaccum import _bn, _train_checks
 from jaxaccum._accumulate import _check_k, _check_key, accumulate
 from jaxaccum._reduce import Reduce
 from jaxaccum._sharding import FSDP, DataAxis
@@ -122,12 +122,8 @@ def _zero_bn(rest: Any, momenta: dict[Path, float]) -> Any:
     return jax.tree_util.tree_map_with_path(zero, rest)
 
 
-def _check_args(loss_fn: Any, batch_norm: Any, nonfinite: Any) -> None:
-    if not callable(loss_fn):
-        raise TypeError(
-            f"loss_fn must be callable as loss_fn(model, micro_batch), got "
-            f"{type(loss_fn).__name__}."
-        )
+def _check_args(loss_fn: Any, weight_fn: Any, batch_norm: Any, nonfinite: Any) -> None:
+    _train_checks.check_functions(loss_fn, weight_fn, "loss_fn(model, micro_batch)")
     if batch_norm not in ("sequential", "exact"):
         raise ValueError(
             f"batch_norm={batch_norm!r} is not one of ('sequential', 'exact'); use "
@@ -242,11 +238,15 @@ def nnx_train_step(
 
     Raises:
       ValueError: for a bad ``k``, ``batch_norm`` or ``nonfinite`` at once; at trace time,
-        for ``batch_norm="exact"`` with a BatchNorm not in training mode, or state that
-        changes structure, shape or dtype during a micro-batch.
-      TypeError: for a ``loss_fn`` that is not callable at once; at trace time, for a model
-        that is not an ``nnx.Module``, an optimizer that is not an ``nnx.Optimizer``, or a
-        ``key`` that is not one PRNG key.
+        for ``batch_norm="exact"`` with a BatchNorm not in training mode, state that
+        changes structure, shape or dtype during a micro-batch, or an
+        ``optimizer.opt_state`` whose structure or leaf shapes differ from
+        ``optimizer.tx.init`` of the model's trained variables (an optimizer built for
+        another model).
+      TypeError: for a ``loss_fn`` or ``weight_fn`` that is not callable at once; at trace
+        time, for a model that is not an ``nnx.Module``, an optimizer that is not an
+        ``nnx.Optimizer``, a ``key`` that is not one PRNG key, or a ``loss_fn`` whose
+        output does not match ``has_aux`` or whose loss is not a scalar.
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax, jaxaccum.flax
@@ -271,7 +271,7 @@ def nnx_train_step(
       [0.15, 0.16]
     """
     k = _check_k(k)
-    _check_args(loss_fn, batch_norm, nonfinite)
+    _check_args(loss_fn, weight_fn, batch_norm, nonfinite)
     exact = batch_norm == "exact"
 
     def update(
@@ -281,6 +281,14 @@ def nnx_train_step(
         momenta = _batch_norms(model, exact)
         wrt = optimizer.wrt
         graphdef, params, rest = _split_model(model, wrt)
+        _train_checks.check_opt_state(
+            nnx.as_pure(optimizer.opt_state),
+            optimizer.tx.init,
+            nnx.as_pure(params),
+            ("optimizer.opt_state", "optimizer.tx.init(params)"),
+            "build the optimizer for this model and the variables it trains: "
+            "nnx.Optimizer(model, tx, wrt=nnx.Param).",
+        )
 
         def micro(p: Any, mb: Any, rest: Any, *key: jax.Array) -> tuple[dict[str, Any], Any]:
             given = _reseed(_zero_bn(rest, momenta), key[0] if key else None)
@@ -288,8 +296,7 @@ def nnx_train_step(
             def loss_of(p: Any) -> tuple[jax.Array, Any]:
                 # Copied: variables created in this trace may be updated by the model.
                 model = nnx.merge(graphdef, p, given, copy=True)
-                out = loss_fn(model, mb)
-                loss, aux = out if has_aux else (out, None)
+                loss, aux = _train_checks.split_loss(loss_fn(model, mb), has_aux)
                 return loss, (aux, _split_model(model, wrt)[2])
 
             (loss, (aux, new)), grads = jax.value_and_grad(loss_of, has_aux=True)(p)

@@ -12,8 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from jaxaccum._reduce import Reduce
-
 DataAxis = str | Sequence[str]
 """A mesh axis name, or several, over which the batch's leading axis is sharded."""
 
@@ -137,61 +135,6 @@ def device_index(axes: tuple[str, ...]) -> jax.Array:
     return index
 
 
-def _weighted(x: jax.Array, w: jax.Array | None, axes: tuple[str, ...]) -> jax.Array:
-    """The mean over devices of ``x``, weighted by ``w`` (zero-weight devices left out)."""
-    if w is None:
-        return jax.lax.pmean(x.astype(jnp.float32), axes).astype(x.dtype)
-    w = jnp.where(w > 0, w, 0).astype(jnp.promote_types(x.dtype, jnp.float32))
-    w = w.reshape(w.shape + (1,) * (x.ndim - w.ndim))
-    num = jax.lax.psum(jnp.where(w > 0, x.astype(w.dtype) * w, 0), axes)
-    den = jax.lax.psum(w, axes)
-    safe = jnp.where(den > 0, den, 1)
-    return jnp.where(den > 0, num / safe, 0).astype(x.dtype)
-
-
-def _extreme(x: jax.Array, axes: tuple[str, ...], largest: bool) -> jax.Array:
-    op = jax.lax.pmax if largest else jax.lax.pmin
-    if jnp.issubdtype(x.dtype, jnp.bool_):
-        return op(x.astype(jnp.int32), axes).astype(jnp.bool_)
-    return op(x, axes)
-
-
-def combine(
-    reduce: Reduce,
-    acc: jax.Array,
-    weights: jax.Array | None,
-    axes: tuple[str, ...],
-) -> jax.Array:
-    """Combines one leaf's per-device result over the data axes, with one collective.
-
-    Args:
-      reduce: the leaf's reduction.
-      acc: the device's accumulator after its local loop (the stacked outputs for STACK,
-        the last output for LAST).
-      weights: with a ``weight_fn``, every micro-batch's weight on this device (shape
-        ``(k,)``), used to average LAST and STACK outputs over devices; else None.
-      axes: the data axes.
-
-    Returns:
-      The combined accumulator, to be finished as on one device with ``k`` replaced by k
-      times the number of devices and the weight sum by its sum over devices.
-    """
-    floating = jnp.issubdtype(acc.dtype, jnp.inexact)
-    if reduce in (Reduce.MEAN, Reduce.SUM, Reduce.WEIGHTED_MEAN):
-        return jax.lax.psum(acc, axes)
-    if reduce in (Reduce.MAX, Reduce.MIN):
-        return _extreme(acc, axes, reduce is Reduce.MAX)
-    # LAST and STACK: the j-th global micro-batch is the union of every device's j-th one,
-    # so floating values are averaged over devices (weighted), counts summed, flags or-ed.
-    if floating:
-        if weights is not None and reduce is Reduce.LAST:
-            weights = weights[-1]
-        return _weighted(acc, weights, axes)
-    if jnp.issubdtype(acc.dtype, jnp.bool_):
-        return _extreme(acc, axes, largest=True)
-    return jax.lax.psum(acc, axes)
-
-
 def combine_state(state: Any, axes: tuple[str, ...]) -> Any:
     """Carried state after the loop: floating leaves averaged over devices, others kept.
 
@@ -209,9 +152,9 @@ def combine_state(state: Any, axes: tuple[str, ...]) -> Any:
     return jax.tree.map(one, state)
 
 
-def batch_spec(dp: DataParallel, presplit: bool) -> PartitionSpec:
+def batch_spec(dp: DataParallel, presplit: bool, axis: int = 0) -> PartitionSpec:
     """The in-spec of a batch leaf: its example axis sharded over the data axes."""
-    return PartitionSpec(None, *dp.spec) if presplit else dp.spec
+    return PartitionSpec(*[None] * (axis + presplit), *dp.spec)
 
 
 def check_shards(n: int, k: int, shards: int, where: str) -> None:

@@ -58,21 +58,28 @@ def changed_leaves(
     ]
 
 
-def leading_size(batch: dict[str, Any], what: str = "the batch") -> int:
-    """The shared leading-axis size of all leaves; raises a teaching error otherwise.
+def leading_size(
+    batch: dict[str, Any], what: str = "the batch", axes: dict[str, int] | None = None
+) -> int:
+    """The shared example-axis size of all leaves; raises a teaching error otherwise.
 
     Args:
       batch: maps an argument label to its pytree of arrays.
       what: how to name the batch in messages.
+      axes: the example axis of each argument (default 0 for all).
     """
-    leaves = [pl for label, tree in batch.items() for pl in leaves_with_paths(tree, label)]
+    leaves = [
+        (pl, (axes or {}).get(label, 0))
+        for label, tree in batch.items()
+        for pl in leaves_with_paths(tree, label)
+    ]
     if not leaves:
         raise ValueError(
             f"{what} has no array leaves ({', '.join(batch)} is an empty pytree); pass a pytree "
             "of arrays whose leading axis indexes examples."
         )
     sizes: dict[str, int] = {}
-    for path, leaf in leaves:
+    for (path, leaf), axis in leaves:
         if not (hasattr(leaf, "shape") and hasattr(leaf, "dtype")):
             raise TypeError(
                 f"leaf {path} of {what} is a {type(leaf).__name__}, not an array; batch leaves "
@@ -84,7 +91,13 @@ def leading_size(batch: dict[str, Any], what: str = "the batch") -> int:
                 f"leaf {path} of {what} is a scalar with no leading example axis; give it "
                 "shape (N, ...) or pass it as a non-batch argument."
             )
-        sizes[path] = int(leaf.shape[0])
+        if np.ndim(leaf) <= axis:
+            raise ValueError(
+                f"leaf {path} of {what} has shape {tuple(leaf.shape)}, with no axis {axis} for "
+                "in_axes to name as its example axis; give in_axes per batch argument, each "
+                "below the leaves' number of dimensions."
+            )
+        sizes[path] = int(leaf.shape[axis])
     if len(set(sizes.values())) > 1:
         listing = ", ".join(f"{p}: {n}" for p, n in sizes.items())
         raise ValueError(
@@ -97,22 +110,29 @@ def leading_size(batch: dict[str, Any], what: str = "the batch") -> int:
     return n
 
 
-def presplit_size(batch: dict[str, Any], k: int) -> int:
-    """N of a presplit batch: every leaf ``(k, N/k, ...)``; returns N (checked)."""
+def axes_of(batch: dict[str, Any], in_axes: tuple[int, ...]) -> dict[str, int]:
+    """The example axis of each batch argument (``in_axes`` has one entry per argument)."""
+    if len(in_axes) == 1:
+        in_axes = in_axes * len(batch)
+    return dict(zip(batch, in_axes, strict=True))
+
+
+def presplit_size(batch: dict[str, Any], k: int, axes: dict[str, int] | None = None) -> int:
+    """N of a presplit batch: every leaf ``(k, N/k, ...)`` at its axis; returns N (checked)."""
     sizes = {
-        path: np.shape(leaf)
+        path: (np.shape(leaf), (axes or {}).get(label, 0))
         for label, tree in batch.items()
         for path, leaf in leaves_with_paths(tree, label)
     }
-    bad = {path: shape for path, shape in sizes.items() if len(shape) < 2 or shape[0] != k}
+    bad = {p: shape for p, (shape, a) in sizes.items() if len(shape) < a + 2 or shape[a] != k}
     if bad:
         raise ValueError(
-            f"split='presplit' needs every batch leaf shaped (k, N/k, ...) with k={k}, got "
-            f"{bad}; reshape to (k, N/k, ...) or use split='strided'."
+            f"split='presplit' needs every batch leaf shaped (k, N/k, ...) at its example axis "
+            f"with k={k}, got {bad}; reshape to (k, N/k, ...) or use split='strided'."
         )
-    per = {shape[1] for shape in sizes.values()}
+    per = {shape[a + 1] for shape, a in sizes.values()}
     if len(per) > 1:
-        raise ValueError(f"batch leaves disagree on the micro-batch size (axis 1): {sizes}.")
+        raise ValueError(f"batch leaves disagree on the micro-batch size: {sizes}.")
     return k * per.pop()
 
 
@@ -130,51 +150,84 @@ def check_divisible(n: int, k: int, where: str) -> None:
         )
 
 
-def microbatches(batch: dict[str, Any], k: int, split: Split) -> tuple[dict[str, Any], int]:
+def microbatches(
+    batch: dict[str, Any], k: int, split: Split, axes: dict[str, int] | None = None
+) -> tuple[dict[str, Any], dict[str, int]]:
     """A free reshape of every leaf exposing a micro-batch axis (checked first).
 
-    Returns ``(views, axis)``: micro-batch ``j`` is ``index(view, j, axis)`` of each leaf.
-    The strided split reshapes to ``(N/k, k, ...)`` and indexes axis 1 inside the loop
-    instead of transposing, so the batch is never copied and a leading-axis sharding stays
-    local to each device.
+    Returns ``(views, index_axes)``: micro-batch ``j`` is ``index(views, j, index_axes)``.
+    An argument's example axis ``a`` (0 unless ``axes`` says otherwise) of size N is
+    reshaped to ``(N/k, k)`` for the strided split, indexed at ``a + 1`` inside the
+    loop instead of transposed, or to ``(k, N/k)`` for the contiguous one, indexed at
+    ``a``: the batch is never copied, and a sharding of the example axis stays local to
+    each device. Micro-batch j keeps its example axis at ``a``.
     """
-    n = leading_size(batch)
+    axes = axes or {label: 0 for label in batch}
+    n = leading_size(batch, axes=axes)
     first = next(p for label, t in batch.items() for p, _ in leaves_with_paths(t, label))
     if split == "presplit":
         if n != k:
             raise ValueError(
-                f"split='presplit' needs a leading axis of size k={k} on every batch leaf, got "
-                f"{n} at {first}; reshape to (k, N/k, ...) or use split='strided'."
+                f"split='presplit' needs an example axis of size k={k} on every batch leaf, "
+                f"got {n} at {first}; reshape to (k, N/k, ...) or use split='strided'."
             )
-        return jax.tree.map(jnp.asarray, batch), 0
+        return {label: jax.tree.map(jnp.asarray, t) for label, t in batch.items()}, axes
     check_divisible(n, k, first)
-    if split == "contiguous":
-        return jax.tree.map(lambda x: jnp.reshape(x, (k, n // k, *x.shape[1:])), batch), 0
-    return jax.tree.map(lambda x: jnp.reshape(x, (n // k, k, *x.shape[1:])), batch), 1
+    views: dict[str, Any] = {}
+    index_axes: dict[str, int] = {}
+    for label, tree in batch.items():
+        a = axes[label]
+        if split == "contiguous":
+            _check_contiguous(tree, a, label)
+        parts = (k, n // k) if split == "contiguous" else (n // k, k)
+        views[label] = jax.tree.map(
+            lambda x, a=a, parts=parts: jnp.reshape(x, (*x.shape[:a], *parts, *x.shape[a + 1 :])),
+            tree,
+        )
+        index_axes[label] = a if split == "contiguous" else a + 1
+    return views, index_axes
 
 
-def index(views: Any, j: Any, axis: int) -> Any:
+def explicit_entry(x: Any, dim: int) -> Any:
+    """The mesh axes an array's type (Explicit axes) shards dimension ``dim`` over, or None."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    mesh, spec = getattr(sharding, "mesh", None), getattr(sharding, "spec", None)
+    if mesh is None or mesh.empty or spec is None or len(spec) <= dim or spec[dim] is None:
+        return None
+    names = spec[dim] if isinstance(spec[dim], tuple) else (spec[dim],)
+    explicit = [n for n in names if mesh._name_to_type[n] == jax.sharding.AxisType.Explicit]
+    return spec[dim] if explicit else None
+
+
+def _check_contiguous(tree: Any, axis: int, label: str) -> None:
+    """Raises if a contiguous split would have to move a batch sharded by its type."""
+    for path, leaf in leaves_with_paths(tree, label):
+        entry = explicit_entry(leaf, axis)
+        if entry is not None:
+            raise ValueError(
+                f"split='contiguous' cannot cut batch leaf {path}, whose example axis is "
+                f"sharded over the Explicit mesh axes {entry!r}: the j-th block of examples "
+                "lives on some devices only, so each micro-batch would be moved. Use "
+                "split='strided' (the default: every device keeps its own examples), or "
+                f"data_axis={entry!r} to split each device's examples separately."
+            )
+
+
+def index(views: dict[str, Any], j: Any, axes: dict[str, int]) -> dict[str, Any]:
     """Micro-batch ``j`` of views made by :func:`microbatches`; ``0 <= j < k`` (a loop index).
 
     Negative indices are not normalised: XLA fuses the slice into each consumer, and a
     ``j < 0`` select there would be recomputed per element.
     """
 
-    def one(v: jax.Array) -> jax.Array:
+    def one(v: jax.Array, axis: int) -> jax.Array:
         return jax.lax.dynamic_index_in_dim(
             v, j, axis, keepdims=False, allow_negative_indices=False
         )
 
-    return jax.tree.map(one, views)
-
-
-def shapes(views: Any, axis: int) -> Any:
-    """Abstract shapes of one micro-batch of ``views``."""
-
-    def drop(v: Any) -> jax.ShapeDtypeStruct:
-        return jax.ShapeDtypeStruct(v.shape[:axis] + v.shape[axis + 1 :], v.dtype)
-
-    return jax.tree.map(drop, views)
+    return {
+        label: jax.tree.map(lambda v, a=axes[label]: one(v, a), t) for label, t in views.items()
+    }
 
 
 def pad_batch(batch: Any, multiple: int) -> tuple[Any, jax.Array]:

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxaccum import _loss_scale
+from jaxaccum import _loss_scale, _train_checks
 from jaxaccum._accumulate import _check_k, accumulate
 from jaxaccum._loss_scale import DynamicLossScale, LossScaleState
 from jaxaccum._reduce import Reduce
@@ -77,7 +77,9 @@ class TrainStep(NamedTuple):
     """A train step built by :func:`train_step`.
 
     Attributes:
-      init: ``init(params, key=None) -> TrainState``.
+      init: ``init(params, key=None) -> TrainState``. The state holds the very arrays
+        passed as ``params`` (no copy), so donating the state to ``update`` deletes them;
+        pass ``jax.tree.map(jnp.copy, params)`` to keep the originals usable.
       update: ``update(state, batch) -> (TrainState, TrainMetrics)``; jit it, donating the
         state: ``jax.jit(step.update, donate_argnums=0)``.
     """
@@ -257,9 +259,18 @@ def train_step(
     Returns:
       A :class:`TrainStep` ``(init, update)``.
 
+      ``init(params)`` keeps the arrays it is given (no copy, so no extra memory): after
+      ``jax.jit(step.update, donate_argnums=0)`` has run once, the caller's ``params``
+      arrays are deleted, their buffers reused for the new state. If the originals are
+      still needed, copy them first: ``step.init(jax.tree.map(jnp.copy, params))``.
+
     Raises:
-      ValueError: for a bad ``k``, ``nonfinite`` or loss-scale setting.
-      TypeError: for a non-Optax ``optimizer`` or a ``loss_scale`` of the wrong type.
+      ValueError: for a bad ``k``, ``nonfinite`` or loss-scale setting at once; at trace
+        time, for a ``state.opt_state`` whose structure or leaf shapes differ from
+        ``optimizer.init(state.params)`` (a state made for another optimizer or params).
+      TypeError: for a non-Optax ``optimizer``, a ``loss_scale`` of the wrong type, or a
+        ``loss_fn`` or ``weight_fn`` that is not callable at once; at trace time, for a
+        ``loss_fn`` whose output does not match ``has_aux`` or whose loss is not a scalar.
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax, jaxaccum
@@ -320,6 +331,8 @@ def train_step(
       (False, 16384.0)
     """
     k = _check_k(k)
+    call = "loss_fn(params, batch, key)" if with_key else "loss_fn(params, batch)"
+    _train_checks.check_functions(loss_fn, weight_fn, call)
     if not isinstance(optimizer, optax.GradientTransformation):
         raise TypeError(
             f"optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}."
@@ -348,8 +361,7 @@ def train_step(
 
     def micro(params: Any, mb: Any, scale: Any, *key: jax.Array) -> dict[str, Any]:
         def scaled(p: Any) -> tuple[jax.Array, tuple[jax.Array, Any]]:
-            out = loss_fn(p, mb, *key)
-            loss, aux = out if has_aux else (out, None)
+            loss, aux = _train_checks.split_loss(loss_fn(p, mb, *key), has_aux)
             return loss * jnp.asarray(scale, loss.dtype), (loss, aux)
 
         (_, (loss, aux)), grads = jax.value_and_grad(scaled, has_aux=True)(params)
@@ -371,6 +383,15 @@ def train_step(
     )
 
     def update(state: TrainState, batch: Any) -> tuple[TrainState, TrainMetrics]:
+        _train_checks.check_opt_state(
+            state.opt_state,
+            optimizer.init,
+            state.params,
+            ("state.opt_state", "optimizer.init(state.params)"),
+            "create the state with this step's own init, step.init(params), or to switch "
+            "optimizers keep the params and start a new optimizer state: "
+            "state._replace(opt_state=optimizer.init(state.params)).",
+        )
         scale = jnp.float32(1.0) if state.loss_scale is None else state.loss_scale.scale
         keys: tuple[jax.Array, ...] = ()
         if with_key:

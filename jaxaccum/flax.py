@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import struct
 from flax.training import train_state
 
-from jaxaccum import _bn, _split
+from jaxaccum import _bn, _split, _train_checks
 from jaxaccum._accumulate import _check_k, accumulate
 from jaxaccum._nnx import nnx_train_step as nnx_train_step
 from jaxaccum._reduce import Reduce
@@ -106,7 +106,9 @@ class TrainState(train_state.TrainState):
           key: base PRNG key for dropout and other ``rngs``, or None.
 
         Returns:
-          A :class:`TrainState` at step 0.
+          A :class:`TrainState` at step 0. It holds the very arrays in ``variables`` (no
+          copy), so a step jitted with ``donate_argnums=0`` deletes them after its first
+          call; pass ``jax.tree.map(jnp.copy, variables)`` to keep the originals usable.
 
         Raises:
           ValueError: if ``variables`` has no ``params`` collection.
@@ -262,14 +264,23 @@ def train_step(
       ``state`` is a :class:`TrainState` or a plain ``flax.training.train_state.TrainState``
       (no collections, no key).
 
+      Donating the state deletes the arrays it was built from: ``TrainState.create`` and
+      :meth:`TrainState.from_variables` keep the params they are given without a copy.
+      If the originals are still needed, build the state from
+      ``jax.tree.map(jnp.copy, variables)``.
+
     Raises:
       ValueError: for a bad ``k``, mode or ``nonfinite`` at once; at trace time, for a
         collection mode naming a collection the state lacks, exact merging of something
         that is not BatchNorm statistics, a collection that changes shape between
-        micro-batches, or a model that updates a collection it was not given (the message
-        shows the corrected call).
-      TypeError: for ``apply`` given ``mutable=`` or ``rngs=``, a ``loss_fn`` that never
-        calls ``apply``, or ``rngs`` without a state key.
+        micro-batches, a model that updates a collection it was not given (the message
+        shows the corrected call), or a ``state.opt_state`` whose structure or leaf shapes
+        differ from ``state.tx.init(state.params)``.
+      TypeError: for a ``loss_fn`` or ``weight_fn`` that is not callable at once; at trace
+        time, for a ``state.apply_fn`` that is not callable, ``apply`` given ``mutable=``
+        or ``rngs=``, a ``loss_fn`` that never calls ``apply``, a ``loss_fn`` whose output
+        does not match ``has_aux`` or whose loss is not a scalar, or ``rngs`` without a
+        state key.
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax, flax.linen as nn, jaxaccum.flax
@@ -292,6 +303,7 @@ def train_step(
       [0.15, 0.16]
     """
     k = _check_k(k)
+    _train_checks.check_functions(loss_fn, weight_fn, "loss_fn(apply, micro_batch)")
     if batch_norm not in get_args(BatchNormMode):
         raise ValueError(f"batch_norm={batch_norm!r} is not one of {get_args(BatchNormMode)}.")
     modes_given = dict(collections or {})
@@ -305,6 +317,7 @@ def train_step(
     rng_names = tuple(rngs)
 
     def update(state: Any, batch: Any) -> tuple[Any, TrainMetrics]:
+        _check_state(state)
         cols: dict[str, Any] = dict(getattr(state, "collections", None) or {})
         modes = _modes(list(cols), batch_norm, modes_given)
         if nonfinite == "drop" and any(m != "sequential" for m in modes.values()):
@@ -370,7 +383,7 @@ def train_step(
                         f"{names} were not updated; compute the model's output with "
                         "apply(x, ...) inside loss_fn."
                     )
-                loss, aux = out if has_aux else (out, None)
+                loss, aux = _train_checks.split_loss(out, has_aux)
                 return loss, (aux, box.get("new", {}))
 
             (loss, (aux, new)), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
@@ -441,6 +454,25 @@ def train_step(
         return new_state, result.metrics
 
     return update
+
+
+def _check_state(state: Any) -> None:
+    """Raises unless ``state`` can run the step: a callable model and a matching opt_state."""
+    if not callable(getattr(state, "apply_fn", None)):
+        raise TypeError(
+            f"state.apply_fn must be the model's apply function, got "
+            f"{type(getattr(state, 'apply_fn', None)).__name__}; build the state with "
+            "jaxaccum.flax.TrainState.from_variables(model.apply, model.init(key, x), tx)."
+        )
+    _train_checks.check_opt_state(
+        state.opt_state,
+        state.tx.init,
+        state.params,
+        ("state.opt_state", "state.tx.init(state.params)"),
+        "build the state with its optimizer, TrainState.from_variables(model.apply, "
+        "variables, tx), or to switch optimizers start a new optimizer state: "
+        "state.replace(tx=tx, opt_state=tx.init(state.params)).",
+    )
 
 
 def _check_same_layout(name: str, new: Any, old: Any) -> None:

@@ -536,8 +536,8 @@ def test_plan_counts_the_per_device_accumulator():
         )
     grads = nbytes(params)  # float32, like the accumulator
     # the loop also carries the loss sum (f32), the weight sum (f32), the all-finite flag
-    # (bool) and the micro-batch index (int32)
-    scalars = 4 + 4 + 1 + 4
+    # (bool), the micro-batch index (int32) and the k per-micro-batch losses (STACK, f32)
+    scalars = 4 + 4 + 1 + 4 + 8 * 4
     accumulators = {c.strategy: c.accumulator_bytes for c in plan.candidates}
     assert accumulators == {
         "per_microbatch": grads // DEVICES + scalars,
@@ -739,3 +739,174 @@ def test_spec_mistakes_name_the_leaf_and_the_fix(in_specs, by_keyword, match):
             jax.jit(grad_fn)(params=params, batch=batch)
         else:
             jax.jit(grad_fn)(params, batch)
+
+
+# --- Parity features over devices: early stop, a batch axis other than 0, reductions ---
+
+
+def _parity_step(params: Any, batch: Any) -> Any:
+    logits = batch["x"] @ params
+    return {"loss": jnp.mean(logits**2), "rows": logits, "top": jnp.max(logits)}
+
+
+ROOT_SUM_SQUARES = jaxaccum.Reduction(
+    init=lambda out, ctx: jnp.zeros(out.shape, jnp.float32),
+    update=lambda acc, x, ctx: acc + x.astype(jnp.float32) ** 2,
+    finalize=lambda acc, ctx: jnp.sqrt(acc),
+    aggregate=lambda v: jnp.sqrt(jnp.sum(v**2, axis=0)),
+    name="root_sum_squares",
+)
+
+
+@pytest.mark.parametrize("axis_type", list(AXIS_TYPES))
+def test_parity_features_with_data_axis(axis_type):
+    """``num_real_microbatches`` (traced), CONCAT (global example order), a user
+    reduction without ``combine`` (gathered and aggregated) and ``in_axes=1``, under
+    ``data_axis`` on 8 devices, against one-device references."""
+    mesh = make_mesh(axis_type, "replicated")
+    batch = digits_batch(N)
+    w = jax.random.normal(jax.random.key(0), (64,)) * 0.1
+    reduce = {"loss": "mean", "rows": "concat", "top": ROOT_SUM_SQUARES}
+    one = jaxaccum.accumulate(_parity_step, K, reduce=reduce)(w, batch)
+    with jax.set_mesh(mesh):
+        f = jax.jit(
+            lambda w, b, m: jaxaccum.accumulate(
+                _parity_step, K, reduce=reduce, data_axis="data", num_real_microbatches=m
+            )(w, b)
+        )
+        full = f(w, shard_batch(batch, mesh), jnp.int32(K))
+        half = f(w, shard_batch(batch, mesh), jnp.int32(2))
+    assert_trees_close(full["loss"], one["loss"])
+    assert_trees_close(full["rows"], batch["x"] @ w)  # every example, in the batch's order
+    # The user reduction: per-device root-sum-squares of 4 micro-batch maxima, aggregated.
+    per_device = N // DEVICES // K
+    tops = jnp.stack(
+        [
+            jnp.max(batch["x"][d * (N // DEVICES) :][j : N // DEVICES : K][:per_device] @ w)
+            for d in range(DEVICES)
+            for j in range(K)
+        ]
+    )
+    assert_trees_close(full["top"], jnp.sqrt(jnp.sum(tops**2)))
+    # Early stop on every device: the first 2 micro-batches of each device's examples.
+    ran = np.concatenate(
+        [d * (N // DEVICES) + np.arange(j, N // DEVICES, K) for d in range(DEVICES) for j in (0, 1)]
+    )
+    assert_trees_close(half["loss"], jnp.mean((batch["x"][ran] @ w) ** 2))
+    # A time-major copy of the batch (examples on axis 1) gives the same result.
+    tm = {"x": jnp.stack([batch["x"], batch["x"]]), "y": jnp.stack([batch["y"], batch["y"]])}
+    with jax.set_mesh(mesh):
+        tm = jax.device_put(tm, NamedSharding(mesh, P(None, "data")))
+        g = jax.jit(
+            jaxaccum.accumulate(
+                lambda w, b: jnp.mean((b["x"] @ w) ** 2), K, data_axis="data", in_axes=1
+            )
+        )
+        assert_trees_close(g(w, tm), one["loss"])
+    no_aggregate = jaxaccum.Reduction(
+        init=ROOT_SUM_SQUARES.init,
+        update=ROOT_SUM_SQUARES.update,
+        finalize=ROOT_SUM_SQUARES.finalize,
+    )
+    with jax.set_mesh(mesh), pytest.raises(TypeError, match="neither combine nor aggregate"):
+        jax.jit(
+            jaxaccum.accumulate(
+                _parity_step,
+                K,
+                reduce={"loss": "mean", "rows": "concat", "top": no_aggregate},
+                data_axis="data",
+            )
+        )(w, shard_batch(batch, mesh))
+
+
+@pytest.mark.parametrize("axis_type", list(AXIS_TYPES))
+@pytest.mark.parametrize("split", ["strided", "contiguous", "presplit"])
+def test_concat_and_stack_keep_the_example_order_over_devices(axis_type, split):
+    """CONCAT gives the batch's order with ``data_axis`` for every split, and STACK/CONCAT
+    carries follow the output's sharding type without ``data_axis`` (Explicit axes)."""
+    mesh = make_mesh(axis_type, "replicated")
+    x = jnp.arange(N * 2, dtype=jnp.float32).reshape(N, 2)
+    batch = x.reshape(K, N // K, 2) if split == "presplit" else x
+    spec = P(None, "data") if split == "presplit" else P("data")
+    step = lambda b: b * 10.0  # noqa: E731
+    with jax.set_mesh(mesh):
+        placed = jax.device_put(batch, NamedSharding(mesh, spec))
+        for data_axis in ("data", None):
+            if split == "contiguous" and axis_type == "explicit" and data_axis is None:
+                with pytest.raises(
+                    ValueError, match="cannot cut batch leaf b, whose example axis is sharded"
+                ):
+                    jaxaccum.accumulate(step, K, batch_argnums=0, split=split)(placed)
+                continue
+            f = jax.jit(
+                jaxaccum.accumulate(
+                    step, K, batch_argnums=0, reduce="concat", split=split, data_axis=data_axis
+                )
+            )
+            assert np.array_equal(np.asarray(f(placed)), np.asarray(x * 10.0))
+        stack_split = "strided" if split == "contiguous" and axis_type == "explicit" else split
+        stacked = jax.jit(
+            jaxaccum.accumulate(step, K, batch_argnums=0, reduce="stack", split=stack_split)
+        )(placed)
+    one = jaxaccum.accumulate(step, K, batch_argnums=0, reduce="stack", split=stack_split)(batch)
+    assert np.array_equal(np.asarray(stacked), np.asarray(one))
+
+
+@pytest.mark.parametrize("axis_type", list(AXIS_TYPES))
+def test_last_over_devices_leaves_out_a_device_whose_last_microbatch_is_empty(axis_type):
+    """LAST with weights: a device whose last micro-batch has weight 0 (and a NaN mean)
+    is left out of the average over devices."""
+    mesh = make_mesh(axis_type, "replicated")
+    x = jnp.arange(N, dtype=jnp.float32)
+    m = jnp.ones(N).at[N // DEVICES + K - 1 :: N // DEVICES * DEVICES].set(0.0)
+    m = m.at[N // DEVICES : 2 * N // DEVICES].set(
+        jnp.tile(jnp.array([1.0, 0.0]), N // DEVICES // 2)
+    )
+
+    def step(b):
+        return jnp.where(b["m"].sum() > 0, (b["x"] * b["m"]).sum() / b["m"].sum(), jnp.nan)
+
+    with jax.set_mesh(mesh):
+        f = jax.jit(
+            jaxaccum.accumulate(
+                step,
+                2,
+                batch_argnums=0,
+                reduce="last",
+                weight_fn=lambda b: b["m"].sum(),
+                data_axis="data",
+            )
+        )
+        got = f(jax.device_put({"x": x, "m": m}, NamedSharding(mesh, P("data"))))
+    # The reference: every device's last micro-batch (odd local rows), weighted.
+    per = N // DEVICES
+    rows = np.concatenate([d * per + np.arange(1, per, 2) for d in range(DEVICES)])
+    xs, ms = np.asarray(x)[rows], np.asarray(m)[rows]
+    assert np.isfinite(float(got))
+    assert float(got) == pytest.approx(float((xs * ms).sum() / ms.sum()), rel=1e-6)
+
+
+@pytest.mark.parametrize("axis_type", list(AXIS_TYPES))
+def test_axis_name_with_a_count_per_device(axis_type):
+    """Inside a caller's shard_map each device may run its own number of micro-batches;
+    the mean divides by their sum over devices."""
+    mesh = make_mesh(axis_type, "replicated")
+    x = jnp.arange(N, dtype=jnp.float32)
+    counts = jnp.array([K, 1, 2, 3, K, 0, 1, 2], jnp.int32)
+
+    def local(b, m):
+        mine = m[jax.lax.axis_index("data")]
+        return jaxaccum.accumulate(
+            lambda b: b.mean(), K, batch_argnums=0, axis_name="data", num_real_microbatches=mine
+        )(b)
+
+    fn = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P("data"), P()), out_specs=P()))
+    with jax.set_mesh(mesh):
+        got = fn(jax.device_put(x, NamedSharding(mesh, P("data"))), counts)
+    per = N // DEVICES
+    means = [
+        float(np.asarray(x)[d * per + j : (d + 1) * per : K].mean())
+        for d in range(DEVICES)
+        for j in range(int(counts[d]))
+    ]
+    assert float(got) == pytest.approx(sum(means) / len(means), rel=1e-6)

@@ -24,6 +24,8 @@ def test_all_is_pinned():
         "MultiStepsState",
         "NonFinite",
         "Reduce",
+        "ReduceContext",
+        "Reduction",
         "ScalingRule",
         "Split",
         "TrainMetrics",

@@ -111,7 +111,7 @@ def test_carry_step_must_return_a_pair():
 )
 def test_rng_argument_must_be_one_prng_key(key):
     acc = jaxaccum.accumulate(lambda key, b: b["x"].sum(), 2, rng_argnums=0)
-    with pytest.raises(TypeError, match=r"rng argument key must be one PRNG key"):
+    with pytest.raises(TypeError, match=r"the rng argument key must be one PRNG key"):
         acc(key, batch_of(4))
 
 

@@ -152,18 +152,20 @@ def test_weights_give_token_mean_and_multisteps_gives_equal_weight_mean(params, 
     assert_trees_close(run(multi_steps(optax.identity(), k), weighted=False), plain, **TOL)
 
 
-def test_zero_weight_calls_add_nothing_and_empty_windows_are_dropped(params, batch):
+def test_zero_weight_calls_add_nothing_and_do_not_count(params, batch):
     k = 4
-    mask = _uneven_mask(k).at[1::k].set(0.0)  # micro-batch 1: no valid example, NaN gradient
-    b = _window(batch, 0) | {"mask": mask}
+    b = _window(batch, 0) | {"mask": _uneven_mask(k)}
     mbs = [strided_micro(b, j, k) for j in range(k)]
+    empty = mbs[1] | {"mask": jnp.zeros_like(mbs[1]["mask"])}  # no valid example: NaN gradient
     opt = multi_steps(optax.identity(), k)
     step, s = _train_step(opt, masked_mean_loss), opt.init(params)
-    for mb in mbs:
+    for i, mb in enumerate([mbs[0], empty, empty, *mbs[1:]]):
         _, s, updates = step(params, s, mb, weight=mb["mask"].sum())
+        assert bool(s.emitted) == (i == k + 1)
+        assert int(s.mini_step) == [1, 1, 1, 2, 3, 0][i]  # weight-0 calls are not mini-steps
     assert all(bool(jnp.isfinite(u).all()) for u in jax.tree.leaves(updates))
     assert_trees_close(updates, token_grad(params, b), **TOL)
-    # A window of weight 0 applies nothing and does not count as an update.
+    # Calls of weight 0 never close a window: nothing is applied.
     for mb in mbs:
         p, s, updates = step(params, s, mb, weight=0.0)
         assert not bool(s.emitted)

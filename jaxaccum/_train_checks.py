@@ -1,0 +1,154 @@
+"""What the train steps (Optax, linen, NNX) check of their inputs, in one place.
+
+Each front-end passes its own names (``state.opt_state`` or ``optimizer.opt_state``) and
+its own fix, so a message reads in the terms of the call the user wrote.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxaccum import _split
+
+_SHOWN = 5  # mismatched leaves listed before "and N more"
+
+
+def check_functions(loss_fn: Any, weight_fn: Any, loss_call: str) -> None:
+    """Raises at construction if ``loss_fn`` or ``weight_fn`` is not callable.
+
+    Args:
+      loss_fn: the loss function given to the train step.
+      weight_fn: the weight function given to the train step, or None.
+      loss_call: how the step calls ``loss_fn``, e.g. ``"loss_fn(params, batch)"``.
+    """
+    if not callable(loss_fn):
+        raise TypeError(
+            f"loss_fn must be callable as {loss_call}, got {type(loss_fn).__name__}; pass the "
+            "function itself (not its result) as the first argument."
+        )
+    if weight_fn is not None and not callable(weight_fn):
+        raise TypeError(
+            f"weight_fn must be callable as weight_fn(micro_batch), got "
+            f"{type(weight_fn).__name__}; pass a function returning the micro-batch's number "
+            "of valid items, e.g. weight_fn=lambda mb: mb['mask'].sum(), or None to count "
+            "every example once."
+        )
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, (tuple, list)):
+        return f"a {type(x).__name__} of {len(x)} item(s)"
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+        return f"a {x.dtype} array of shape {tuple(x.shape)}"
+    return f"a {type(x).__name__}"
+
+
+def split_loss(out: Any, has_aux: bool) -> tuple[Any, Any]:
+    """``loss_fn``'s output as ``(loss, aux)``; raises at trace time if it does not fit.
+
+    Args:
+      out: what ``loss_fn`` returned for one micro-batch.
+      has_aux: whether the step was built with ``has_aux=True``.
+
+    Returns:
+      The loss and the auxiliary output (None without ``has_aux``).
+    """
+    if has_aux:
+        if not isinstance(out, (tuple, list)) or len(out) != 2:
+            raise TypeError(
+                "loss_fn must return a pair (loss, aux) when has_aux=True, but it returned "
+                f"{_describe(out)}; return (loss, aux), or build the step with has_aux=False "
+                "if loss_fn returns the loss alone."
+            )
+        loss, aux = out
+    elif isinstance(out, (tuple, list)):
+        raise TypeError(
+            f"loss_fn returned {_describe(out)}, but with has_aux=False it must return the "
+            "scalar loss alone; to return (loss, aux), build the step with has_aux=True."
+        )
+    else:
+        loss, aux = out, None
+    if not (hasattr(loss, "shape") or isinstance(loss, (int, float))) or np.shape(loss) != ():
+        where = " (the first item of (loss, aux))" if has_aux else ""
+        raise TypeError(
+            f"loss_fn's loss{where} must be a scalar, got {_describe(loss)}; return the mean "
+            "over the micro-batch's examples, e.g. jnp.mean(per_example_losses)."
+        )
+    return loss, aux
+
+
+def _state_kinds(tree: Any) -> list[str]:
+    """The Optax state types in ``tree`` (NamedTuples such as ``ScaleByAdamState``), in order."""
+
+    def is_state(x: Any) -> bool:
+        return isinstance(x, tuple) and hasattr(x, "_fields")
+
+    return [type(x).__name__ for x in jax.tree.leaves(tree, is_leaf=is_state) if is_state(x)]
+
+
+def _short(text: str, limit: int = 400) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _leaf_difference(actual: Any, expected: Any, names: tuple[str, str]) -> str:
+    """Which leaf paths only one of two trees has, e.g. ``state.opt_state[0].mu['b']``."""
+    where, source = names
+    have = [path for path, _ in _split.leaves_with_paths(actual, where)]
+    want = [path for path, _ in _split.leaves_with_paths(expected, where)]
+    parts = []
+    for side, paths, other in ((where, have, want), (source, want, have)):
+        only = [path for path in paths if path not in other]
+        if only:
+            more = f" and {len(only) - _SHOWN} more" if len(only) > _SHOWN else ""
+            parts.append(f"only {side} has {', '.join(only[:_SHOWN])}{more}")
+    return "; ".join(parts) or "the same leaf paths sit in different containers"
+
+
+def check_opt_state(
+    opt_state: Any, init: Callable[[Any], Any], params: Any, names: tuple[str, str], fix: str
+) -> None:
+    """Raises at trace time unless ``opt_state`` has the layout ``init(params)`` would give.
+
+    Tree structure and leaf shapes are compared (dtypes are not): a state made for another
+    optimizer, or for other params, fails here instead of deep inside Optax.
+
+    Args:
+      opt_state: the optimizer state the step was given.
+      init: the optimizer's ``init``.
+      params: the params being trained.
+      names: how the user reaches ``opt_state`` and ``init(params)``, e.g.
+        ``("state.opt_state", "optimizer.init(state.params)")``.
+      fix: the sentence that tells how to build a matching state.
+    """
+    where, source = names
+    expected = jax.eval_shape(init, params)
+    # PyTreeDef comes from jaxlib without annotations that mypy can resolve.
+    s_actual: Any = jax.tree.structure(opt_state)
+    s_expected: Any = jax.tree.structure(expected)
+    if s_actual != s_expected:
+        kinds, want = _state_kinds(opt_state), _state_kinds(expected)
+        if kinds != want:
+            differ = (
+                f"it holds the Optax states ({', '.join(kinds)}) but {source} gives "
+                f"({', '.join(want)})"
+            )
+        else:
+            differ = (
+                f"it has the structure\n  {_short(str(s_actual))}\nbut {source} gives\n  "
+                f"{_short(str(s_expected))}\n" + _leaf_difference(opt_state, expected, names)
+            )
+        raise ValueError(f"{where} was made for another optimizer or other params: {differ}; {fix}")
+    changed = [
+        f"{path} has shape {np.shape(a)}, not {np.shape(e)}"
+        for path, a, e in _split.changed_leaves(opt_state, expected, where, dtypes=False)
+    ]
+    if changed:
+        more = f"; and {len(changed) - _SHOWN} more" if len(changed) > _SHOWN else ""
+        raise ValueError(
+            f"{where} was made for params of other shapes than {source} gives: "
+            f"{'; '.join(changed[:_SHOWN])}{more}; {fix}"
+        )

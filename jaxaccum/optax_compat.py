@@ -1,0 +1,452 @@
+"""optax's ``microbatch`` and ``MultiSteps`` with optax's signatures, on jaxaccum.
+
+A drop-in path for code written against ``optax.microbatching`` and
+``optax.MultiSteps``: change the import, keep the calls. Every function here is a thin
+layer over :func:`jaxaccum.accumulate` and :func:`jaxaccum.multi_steps`; the enums,
+``Accumulator`` records and ``MultiStepsState`` are optax's own objects, so values made
+with optax (an ``AccumulationType``, a user's ``Accumulator``, a restored
+``optax.MultiStepsState`` checkpoint) work here unchanged. optax's own test modules for
+both transforms run against this module in jaxaccum's test suite
+(``tests/test_optax_suites.py``).
+
+What differs from optax, on purpose:
+
+* floating sums are accumulated in float32 (at least) and cast back once, so a bf16
+  SUM is as exact as jaxaccum's; the result keeps the output's dtype;
+* a user's ``Accumulator`` is applied leaf by leaf (optax's built-in accumulators are
+  too; one that couples the leaves of a subtree is not supported);
+* ``MultiSteps`` runs the inner optimizer only on the calls that apply it, where
+  optax computes it on every call and masks the result;
+* optax's ``reshape_batch_axis`` helper is not provided: :func:`microbatch` splits the
+  batch axis in place itself (``in_axes``), without copying the batch.
+
+Examples:
+  >>> import jax.numpy as jnp
+  >>> from jaxaccum import optax_compat
+  >>> fun = lambda x: (x + 1, jnp.sum(3 * x))
+  >>> how = (optax_compat.AccumulationType.CONCAT, optax_compat.AccumulationType.SUM)
+  >>> optax_compat.microbatch(fun, argnums=0, microbatch_size=2, accumulator=how)(
+  ...     jnp.array([1, 2, 3, 4]))
+  (Array([2, 3, 4, 5], dtype=int32), Array(30, dtype=int32))
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import optax.microbatching
+
+from jaxaccum import _reduce
+from jaxaccum._accumulate import accumulate
+from jaxaccum._multisteps import MultiStepsState as _State
+from jaxaccum._multisteps import multi_steps
+from jaxaccum._reduce import Reduce, Reduction
+
+__all__ = [
+    "AccumulationType",
+    "Accumulator",
+    "MultiSteps",
+    "MultiStepsState",
+    "ShouldSkipUpdateFunction",
+    "micro_grad",
+    "micro_vmap",
+    "microbatch",
+    "skip_large_updates",
+    "skip_not_finite",
+]
+
+AccumulationType = optax.microbatching.AccumulationType
+Accumulator = optax.microbatching.Accumulator
+MultiStepsState = optax.MultiStepsState
+ShouldSkipUpdateFunction = optax.ShouldSkipUpdateFunction
+IndividualOutputs = collections.namedtuple("IndividualOutputs", ["values", "metrics", "aux"])
+"""The auxiliary outputs of :func:`micro_grad`, one entry per example."""
+
+
+def _floating_only(name: str) -> Callable[[Any, str, Any], None]:
+    def check(out: Any, path: str, ctx: Any) -> None:
+        if not jnp.issubdtype(out.dtype, jnp.floating):
+            raise ValueError(
+                f"AccumulationType.{name} needs floating outputs, but {path} has dtype "
+                f"{out.dtype}; use AccumulationType.SUM for counts."
+            )
+
+    return check
+
+
+def _mean_over_k(acc: jax.Array, ctx: Any) -> jax.Array:
+    """optax's MEAN divides by the number of micro-batches even when fewer ran."""
+    return (acc / ctx.k).astype(ctx.out.dtype)
+
+
+_MEAN = dataclasses.replace(
+    _reduce.BUILTIN[Reduce.MEAN], finalize=_mean_over_k, check=_floating_only("MEAN")
+)
+_RUNNING_MEAN = dataclasses.replace(
+    _reduce.BUILTIN[Reduce.MEAN], check=_floating_only("RUNNING_MEAN"), name="RUNNING_MEAN"
+)
+_BY_TYPE: dict[Any, Reduction] = {
+    AccumulationType.SUM: _reduce.BUILTIN[Reduce.SUM],
+    AccumulationType.MEAN: _MEAN,
+    AccumulationType.RUNNING_MEAN: _RUNNING_MEAN,
+    AccumulationType.CONCAT: _reduce.BUILTIN[Reduce.CONCAT],
+}
+_AGGREGATE: dict[Any, Callable[[Any], Any]] = {
+    AccumulationType.SUM: lambda v: jnp.sum(v, axis=0),
+    AccumulationType.MEAN: lambda v: jnp.mean(v, axis=0),
+    AccumulationType.RUNNING_MEAN: lambda v: jnp.mean(v, axis=0),
+    AccumulationType.CONCAT: lambda v: v,
+}
+
+
+def _is_spec(x: Any) -> bool:
+    return isinstance(x, (AccumulationType, Accumulator))
+
+
+def _from_accumulator(acc: Any) -> Reduction:
+    """An optax ``Accumulator`` record as a jaxaccum ``Reduction`` (leaf by leaf)."""
+    return Reduction(
+        init=lambda out, ctx: acc.init(out),
+        update=lambda carry, x, ctx: acc.update(carry, x, ctx.index),
+        finalize=lambda carry, ctx: acc.finalize(carry),
+        aggregate=acc.aggregate,
+        name=f"Accumulator({acc.update})",
+    )
+
+
+def _reductions(accumulator: Any) -> Any:
+    def one(spec: Any) -> Reduction:
+        if isinstance(spec, Accumulator):
+            return _from_accumulator(spec)
+        if isinstance(spec, AccumulationType):
+            return _BY_TYPE[spec]
+        raise ValueError(
+            f"accumulator leaves must be optax.microbatching.AccumulationType members or "
+            f"Accumulator records, got {spec!r}."
+        )
+
+    return jax.tree.map(one, accumulator, is_leaf=_is_spec)
+
+
+def _aggregates(accumulator: Any) -> Any:
+    def one(spec: Any) -> Callable[[Any], Any]:
+        return spec.aggregate if isinstance(spec, Accumulator) else _AGGREGATE[spec]
+
+    return jax.tree.map(one, accumulator, is_leaf=_is_spec)
+
+
+def _as_tuple(value: Any) -> tuple[Any, ...]:
+    return (value,) if isinstance(value, (int, str)) else tuple(value)
+
+
+def microbatch(
+    fun: Callable[..., Any],
+    argnums: int | Sequence[int],
+    microbatch_size: int | None,
+    accumulator: Any = AccumulationType.SUM,
+    *,
+    argnames: str | Sequence[str] = (),
+    in_axes: int | Sequence[int] = 0,
+    num_real_microbatches: int | jax.Array | None = None,
+) -> Callable[..., Any]:
+    """``optax.microbatch`` on :func:`jaxaccum.accumulate`.
+
+    Splits the batch arguments into micro-batches of ``microbatch_size`` examples
+    (strided, as optax does: micro-batch j holds examples j, j + k, …), runs ``fun``
+    on each in one loop and combines the outputs as ``accumulator`` says.
+
+    Args:
+      fun: the function to run per micro-batch.
+      argnums: positions of the batch arguments.
+      microbatch_size: examples per micro-batch (must divide the batch); None returns
+        ``fun`` itself.
+      accumulator: an ``AccumulationType``, an ``Accumulator``, or a pytree prefix of
+        ``fun``'s outputs holding them. SUM (default), MEAN (divided by the number of
+        micro-batches), RUNNING_MEAN (divided by the number that ran), CONCAT (outputs
+        concatenated along axis 0 in example order).
+      argnames: names of batch arguments passed by keyword.
+      in_axes: the example axis of each batch argument (``argnums`` then ``argnames``).
+      num_real_microbatches: run only the first this many micro-batches (may be traced).
+
+    Returns:
+      A function with ``fun``'s signature.
+    """
+    if microbatch_size is None:
+        return fun
+    nums, names = _as_tuple(argnums), _as_tuple(argnames)
+    reduce = _reductions(accumulator)
+
+    def microbatched(*args: Any, **kwargs: Any) -> Any:
+        axes = _as_tuple(in_axes)
+        axes = axes * (len(nums) + len(names)) if len(axes) == 1 else axes
+        batches = [args[i] for i in nums] + [kwargs[n] for n in names]
+        sizes = {
+            np.shape(leaf)[ax]
+            for tree, ax in zip(batches, axes, strict=True)
+            for leaf in jax.tree.leaves(tree)
+        }
+        if len(sizes) > 1:
+            raise ValueError(f"batch arguments must share one batch size, got {sorted(sizes)}.")
+        n = sizes.pop()
+        if n % microbatch_size:
+            raise ValueError(
+                f"the batch size {n} is not divisible by microbatch_size={microbatch_size}."
+            )
+        run = accumulate(
+            fun,
+            n // microbatch_size,
+            batch_argnums=nums,
+            batch_argnames=names,
+            in_axes=axes,
+            reduce=reduce,
+            num_real_microbatches=num_real_microbatches,
+        )
+        return run(*args, **kwargs)
+
+    return microbatched
+
+
+def micro_vmap(
+    fun: Callable[..., Any],
+    in_axes: int | Sequence[int | None] = 0,
+    out_axes: Any = 0,
+    *,
+    microbatch_size: int | None = None,
+    vmap_fn: Callable[..., Any] = jax.vmap,
+    accumulator: Any = AccumulationType.CONCAT,
+    num_real_microbatches: int | jax.Array | None = None,
+) -> Callable[..., Any]:
+    """``optax.microbatching.micro_vmap``: ``jax.vmap`` run a micro-batch at a time.
+
+    Each micro-batch is vmapped and its per-example outputs reduced with the
+    accumulator's aggregate (CONCAT keeps them); the micro-batches' results are then
+    combined by :func:`microbatch`. Keyword arguments are mapped over axis 0.
+
+    Args:
+      fun: the per-example function.
+      in_axes: the mapped axis of each positional argument (None: not mapped).
+      out_axes: must be 0.
+      microbatch_size: examples per micro-batch; None vmaps the whole batch at once.
+      vmap_fn: a function with ``jax.vmap``'s signature.
+      accumulator: as for :func:`microbatch`; CONCAT (default) gives ``jax.vmap``'s
+        result.
+      num_real_microbatches: as for :func:`microbatch`.
+
+    Returns:
+      The mapped function.
+    """
+    if out_axes != 0:
+        raise NotImplementedError(f"micro_vmap supports out_axes=0 only, got {out_axes!r}.")
+    axes = _as_tuple(in_axes) if in_axes is not None else (None,)
+    aggregate = _aggregates(accumulator)
+
+    def mapped_and_reduced(*args: Any, kwargs: dict[str, Any]) -> Any:
+        out = vmap_fn(fun, axes, out_axes)(*args, **kwargs)
+        return jax.tree.map(lambda agg, v: jax.tree.map(agg, v), aggregate, out, is_leaf=callable)
+
+    mapped = [i for i, a in enumerate(axes) if a is not None]
+    run = microbatch(
+        mapped_and_reduced,
+        argnums=tuple(mapped),
+        argnames="kwargs",
+        microbatch_size=microbatch_size,
+        accumulator=accumulator,
+        in_axes=(*(axes[i] for i in mapped), 0),
+        num_real_microbatches=num_real_microbatches,
+    )
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return run(*args, kwargs=kwargs)
+
+    return call
+
+
+def micro_grad(
+    fun: Callable[..., Any],
+    has_aux: bool = False,
+    argnums: int | Sequence[int] = 0,
+    *,
+    batch_argnums: int | Sequence[int] = 1,
+    keep_batch_dim: bool = True,
+    microbatch_size: int | None = None,
+    accumulator: Any = AccumulationType.SUM,
+    transform_fn: Callable[[Any], Any] = lambda g: g,
+    metrics_fn: Callable[[Any], Any] = lambda g: None,
+    num_real_microbatches: int | jax.Array | None = None,
+) -> Callable[..., Any]:
+    """``optax.microbatching.micro_grad``: per-example gradients, transformed and reduced.
+
+    Each example's gradient of ``fun`` is passed through ``transform_fn`` and reduced
+    by ``accumulator`` over the batch; its value, ``metrics_fn`` of its gradient and
+    its aux come back per example.
+
+    Args:
+      fun: the loss of one example (or of a batch of one, with ``keep_batch_dim``).
+      has_aux: ``fun`` returns ``(loss, aux)``.
+      argnums: the arguments to differentiate.
+      batch_argnums: the arguments with a batch axis 0.
+      keep_batch_dim: ``fun`` expects its batch arguments with a batch axis (of size 1).
+      microbatch_size: examples per micro-batch (None: all at once).
+      accumulator: how the transformed gradients are reduced over examples.
+      transform_fn: applied to each example's gradient.
+      metrics_fn: applied to each example's gradient, returned per example.
+      num_real_microbatches: as for :func:`microbatch`.
+
+    Returns:
+      A function returning ``(reduced, IndividualOutputs(values, metrics, aux))``.
+    """
+    batch = _as_tuple(batch_argnums)
+    with_aux = fun if has_aux else (lambda *a, **kw: (fun(*a, **kw), None))
+    value_and_grad = jax.value_and_grad(with_aux, argnums, has_aux=True)
+
+    def per_example(*args: Any, **kwargs: Any) -> Any:
+        if keep_batch_dim:
+            args = tuple(
+                jax.tree.map(lambda x: jnp.expand_dims(x, 0), a) if i in batch else a
+                for i, a in enumerate(args)
+            )
+        (value, aux), grad = value_and_grad(*args, **kwargs)
+        return transform_fn(grad), IndividualOutputs(value, metrics_fn(grad), aux)
+
+    axes: list[int | None] = [None] * (max(batch) + 1)
+    for i in batch:
+        axes[i] = 0
+    return micro_vmap(
+        per_example,
+        in_axes=axes,
+        accumulator=(accumulator, AccumulationType.CONCAT),
+        microbatch_size=microbatch_size,
+        num_real_microbatches=num_real_microbatches,
+    )
+
+
+def skip_not_finite(updates: Any, gradient_step: Any, params: Any) -> tuple[jax.Array, Any]:
+    """Skip a call whose gradients hold an inf or a NaN (``optax.skip_not_finite``).
+
+    Returns:
+      ``(skip, {"should_skip": skip, "num_not_finite": count})``.
+    """
+    del gradient_step, params
+    count = sum(
+        (jnp.sum(~jnp.isfinite(u)) for u in jax.tree.leaves(updates)), jnp.zeros((), jnp.int32)
+    )
+    skip = count > 0
+    return skip, {"should_skip": skip, "num_not_finite": count}
+
+
+def skip_large_updates(
+    updates: Any, gradient_step: Any, params: Any, max_squared_norm: Any
+) -> tuple[jax.Array, Any]:
+    """Skip a call whose gradients' squared global norm is not below the bound.
+
+    A NaN norm is skipped too (``optax.skip_large_updates``).
+
+    Returns:
+      ``(skip, {"should_skip": skip, "norm_squared": norm_squared})``.
+    """
+    del gradient_step, params
+    norm_sq = sum(
+        (jnp.sum(jnp.square(u)) for u in jax.tree.leaves(updates)), jnp.zeros((), jnp.float32)
+    )
+    skip = ~(norm_sq < max_squared_norm)
+    return skip, {"should_skip": skip, "norm_squared": norm_sq}
+
+
+class MultiSteps:
+    """``optax.MultiSteps`` on :func:`jaxaccum.multi_steps`, with optax's state.
+
+    The state is an ``optax.MultiStepsState`` holding the window's running mean (its
+    sum with ``use_grad_mean=False``), so checkpoints move between this class and
+    ``optax.MultiSteps`` in both directions. Each call converts it to jaxaccum's state
+    (:meth:`jaxaccum.MultiStepsState.from_optax`), runs :func:`jaxaccum.multi_steps`'
+    update and converts back.
+
+    Args:
+      opt: the inner optimizer.
+      every_k_schedule: calls per update, an int or a function of the update count.
+      use_grad_mean: apply the window's mean (True) or sum (False).
+      should_skip_update_fn: ``(updates, gradient_step, params) -> (skip, skip_state)``.
+      accumulator_dtype: dtype of the accumulated gradients; None: the params' dtype.
+
+    Examples:
+      >>> import jax.numpy as jnp, optax
+      >>> from jaxaccum import optax_compat
+      >>> opt = optax_compat.MultiSteps(optax.sgd(1.0), every_k_schedule=2)
+      >>> params = jnp.zeros(2)
+      >>> state = opt.init(params)
+      >>> _, state = opt.update(jnp.array([1.0, 2.0]), state, params)
+      >>> updates, state = opt.update(jnp.array([3.0, 0.0]), state, params)
+      >>> updates.tolist(), bool(opt.has_updated(state))
+      ([-2.0, -1.0], True)
+    """
+
+    def __init__(
+        self,
+        opt: optax.GradientTransformation,
+        every_k_schedule: int | Callable[[jax.Array], Any],
+        use_grad_mean: bool = True,
+        should_skip_update_fn: Callable[..., Any] | None = None,
+        accumulator_dtype: Any = jnp.float32,
+    ):
+        self._opt = optax.with_extra_args_support(opt)
+        self._mean = use_grad_mean
+        self._dtype = None if accumulator_dtype is None else np.dtype(accumulator_dtype)
+        self._ours = multi_steps(
+            opt,
+            every_k_schedule,
+            accum_dtype=accumulator_dtype,
+            use_grad_mean=use_grad_mean,
+            should_skip_update_fn=should_skip_update_fn,
+        )
+
+    @property
+    def inner_opt(self) -> optax.GradientTransformationExtraArgs:
+        """The wrapped optimizer."""
+        return self._opt
+
+    def _to_optax(self, state: _State, like: Any) -> Any:
+        """optax's form of jaxaccum's state: the window's running mean (or sum)."""
+        weight = state.acc_weight
+
+        def mean(a: jax.Array, d: Any) -> jax.Array:
+            value = _reduce.weighted(a, weight, a.dtype) if self._mean else a
+            return value.astype(d)
+
+        dtypes = jax.tree.map(lambda x: jnp.asarray(x).dtype, like)
+        return MultiStepsState(
+            mini_step=state.mini_step,
+            gradient_step=state.gradient_step,
+            inner_opt_state=state.inner_opt_state,
+            acc_grads=jax.tree.map(mean, state.acc_grads, dtypes),
+            skip_state=state.skip_state,
+        )
+
+    def init(self, params: Any) -> Any:
+        """optax's initial state for ``params``."""
+        like = jax.tree.map(
+            lambda p: jnp.zeros(jnp.shape(p), self._dtype or jnp.asarray(p).dtype), params
+        )
+        return self._to_optax(self._ours.init(params), like)
+
+    def update(
+        self, updates: Any, state: Any, params: Any = None, **extra_args: Any
+    ) -> tuple[Any, Any]:
+        """Accumulates ``updates``; every k-th counted call applies the inner optimizer."""
+        ours = _State.from_optax(state, use_grad_mean=self._mean)
+        new_updates, new_state = self._ours.update(updates, ours, params, **extra_args)
+        return new_updates, self._to_optax(new_state, state.acc_grads)
+
+    def has_updated(self, state: Any) -> jax.Array:
+        """Whether the call that returned ``state`` applied an update."""
+        return jnp.logical_and(state.mini_step == 0, state.gradient_step > 0)
+
+    def gradient_transformation(self) -> optax.GradientTransformationExtraArgs:
+        """``(init, update)`` as an Optax transformation."""
+        return optax.GradientTransformationExtraArgs(self.init, self.update)
