@@ -155,22 +155,20 @@ def test_early_stop_with_a_concrete_count_is_a_shorter_scan():
     assert float(none(w, batch)) == 0.0
 
 
-def test_early_stop_under_vmap_with_batched_counts():
+@pytest.mark.parametrize("reduce", ALL_REDUCE, ids=lambda r: r.name)
+def test_early_stop_under_vmap_with_batched_counts(reduce):
     batch = digits_batch(32)
     params = jax.random.normal(jax.random.key(1), (64,)) * 0.1
+    name = {Reduce.SUM: "count", Reduce.CONCAT: "rows"}.get(reduce, "max")
 
     def run(m):
-        step = lambda p, b: (jnp.mean((b["x"] @ p) ** 2), b["x"] @ p)  # noqa: E731
-        f = jaxaccum.accumulate(
-            step, K, reduce=(Reduce.MEAN, Reduce.CONCAT), num_real_microbatches=m
-        )
-        return f(params, batch)
+        step = lambda p, b: _per_example_step(p, b)[name]  # noqa: E731
+        return jaxaccum.accumulate(step, K, reduce=reduce, num_real_microbatches=m)(params, batch)
 
     ms = jnp.array([4, 1, 3, 0])
     got = jax.vmap(run)(ms)
     for i, m in enumerate(ms.tolist()):
-        want = run(m)
-        assert_trees_close(jax.tree.map(lambda x, i=i: x[i], got), want)
+        assert_trees_close(got[i], _reference(params, batch, m, K, reduce)(name))
 
 
 def test_early_stop_bad_counts():
