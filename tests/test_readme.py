@@ -31,3 +31,24 @@ def test_readme_leads_with_demo_and_test_commands():
 def test_ci_runs_the_readme_test_command_verbatim():
     ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
     assert _commands()[1] in ci_lines
+
+
+def test_readme_and_changelog_show_the_version():
+    import jaxaccum
+
+    readme = (ROOT / "README.md").read_text()
+    assert f"jaxaccum {jaxaccum.__version__} (`jaxaccum.__version__`)" in readme
+    changelog = (ROOT / "CHANGELOG.md").read_text()
+    assert f"## [{jaxaccum.__version__}] - " in changelog
+    assert "## [Unreleased]" in changelog
+
+
+def test_quickstart_runs_as_written(capsys):
+    import re
+
+    block = re.search(
+        r"## Quickstart\s+```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S
+    )
+    assert block is not None
+    exec(compile(block.group(1), "README.md quickstart", "exec"), {"__name__": "__main__"})
+    assert "same gradient as the full batch: True" in capsys.readouterr().out
