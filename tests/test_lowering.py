@@ -115,3 +115,34 @@ def test_the_cpu_lowering_is_where_convolutions_are_rewritten():
     mlp_loss, mlp_params, mlp_batch = mlp_case()
     plain = jaxaccum.accumulate(jax.value_and_grad(mlp_loss), K)
     assert "jaxaccum_cpu_layout" not in str(jax.make_jaxpr(plain)(mlp_params, mlp_batch))
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_early_stop_and_concat_lower_for_accelerators(platform):
+    """A traced early stop (a while loop) and per-example CONCAT outputs: the CNN's step
+    lowered for an accelerator holds the step's convolutions once, in one while loop, and
+    nothing of the CPU rewrite."""
+    loss, params, batch = cnn_case()
+
+    def step(p, b):
+        value, grads = jax.value_and_grad(loss)(p, b)
+        return value, grads, b["y"]
+
+    def run(p, b, m):
+        f = jaxaccum.accumulate(
+            step, K, reduce=(None, None, jaxaccum.Reduce.CONCAT), num_real_microbatches=m
+        )
+        return f(p, b)
+
+    text = jax.jit(run).trace(params, batch, 2).lower(lowering_platforms=(platform,)).as_text()
+    ops = collections.Counter(OP.findall(text))
+    plain, _ = ops_of_step(step, params, batch, platform)
+    assert ops["stablehlo.while"] == 1
+    assert ops["stablehlo.convolution"] == plain["stablehlo.convolution"]
+    assert not [word for word in FORBIDDEN if word in text]
+
+
+def ops_of_step(step: Any, params: Any, batch: Any, platform: str) -> tuple[Any, str]:
+    """The operations of the step itself on one micro-batch, lowered for ``platform``."""
+    mb = jax.tree.map(lambda x: x[: x.shape[0] // K], batch)
+    return ops(step, params, mb, platform)
