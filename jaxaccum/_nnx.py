@@ -290,17 +290,17 @@ def nnx_train_step(
             "nnx.Optimizer(model, tx, wrt=nnx.Param).",
         )
 
-        def micro(p: Any, mb: Any, rest: Any, *key: jax.Array) -> tuple[dict[str, Any], Any]:
+        def micro(p: Any, batch: Any, rest: Any, *key: jax.Array) -> tuple[dict[str, Any], Any]:
             given = _reseed(_zero_bn(rest, momenta), key[0] if key else None)
 
             def loss_of(p: Any) -> tuple[jax.Array, Any]:
                 # Copied: variables created in this trace may be updated by the model.
                 model = nnx.merge(graphdef, p, given, copy=True)
-                loss, aux = _train_checks.split_loss(loss_fn(model, mb), has_aux)
+                loss, aux = _train_checks.split_loss(loss_fn(model, batch), has_aux)
                 return loss, (aux, _split_model(model, wrt)[2])
 
             (loss, (aux, new)), grads = jax.value_and_grad(loss_of, has_aux=True)(p)
-            w = micro_weight(weight_fn, mb)
+            w = micro_weight(weight_fn, batch)
             outputs, counted = micro_outputs(loss, aux, grads, w, nonfinite)
             stats = {q: v.astype(jnp.float32) for q, v in _bn_stats(new, momenta).items()}
             outputs["stats"] = (stats, {q: jnp.square(v) for q, v in stats.items()})

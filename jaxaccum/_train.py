@@ -359,13 +359,13 @@ def train_step(
             loss_scale=None if loss_scale is None else _loss_scale.init(loss_scale),
         )
 
-    def micro(params: Any, mb: Any, scale: Any, *key: jax.Array) -> dict[str, Any]:
+    def micro(params: Any, batch: Any, scale: Any, *key: jax.Array) -> dict[str, Any]:
         def scaled(p: Any) -> tuple[jax.Array, tuple[jax.Array, Any]]:
-            loss, aux = _train_checks.split_loss(loss_fn(p, mb, *key), has_aux)
+            loss, aux = _train_checks.split_loss(loss_fn(p, batch, *key), has_aux)
             return loss * jnp.asarray(scale, loss.dtype), (loss, aux)
 
         (_, (loss, aux)), grads = jax.value_and_grad(scaled, has_aux=True)(params)
-        return micro_outputs(loss, aux, grads, micro_weight(weight_fn, mb), nonfinite)[0]
+        return micro_outputs(loss, aux, grads, micro_weight(weight_fn, batch), nonfinite)[0]
 
     accumulated = accumulate(
         micro,

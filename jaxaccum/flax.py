@@ -184,6 +184,13 @@ def _merge_exact(
 
 def _teaching(err: Exception, names: Sequence[str]) -> Exception:
     mutable = sorted(names) or ["batch_stats"]
+    if isinstance(err, flax.errors.ScopeCollectionNotFound):
+        return ValueError(
+            f"the model uses a variable collection the state does not hold ({err}). Create "
+            "the state from everything model.init returns, not only its params: "
+            "jaxaccum.flax.TrainState.from_variables(model.apply, model.init(key, x), tx); "
+            f"the step then passes every collection to the model (mutable={mutable})."
+        )
     return ValueError(
         f"the model tried to update a variable collection it was not allowed to ({err}). "
         "Inside jaxaccum.flax.train_step, call the model through the `apply` argument of "
@@ -340,7 +347,7 @@ def train_step(
                 momenta[tuple(context.module.path)] = float(context.module.momentum)
             return next_fun(*args, **kwargs)
 
-        def micro(params: Any, mb: Any, seq: Any, fixed: Any, *key: jax.Array) -> Any:
+        def micro(params: Any, batch: Any, seq: Any, fixed: Any, *key: jax.Array) -> Any:
             streams = {n: jax.random.fold_in(key[0], i) for i, n in enumerate(rng_names) if key}
             box: dict[str, Any] = {}
 
@@ -363,7 +370,7 @@ def train_step(
                     return out
 
                 try:
-                    out = loss_fn(apply, mb)
+                    out = loss_fn(apply, batch)
                 except (
                     flax.errors.ModifyScopeVariableError,
                     flax.errors.ScopeCollectionNotFound,
@@ -388,7 +395,7 @@ def train_step(
 
             (loss, (aux, new)), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
             outputs, counted = micro_outputs(
-                loss, aux, grads, micro_weight(weight_fn, mb), nonfinite
+                loss, aux, grads, micro_weight(weight_fn, batch), nonfinite
             )
             new_seq = {}
             for n, old in seq.items():

@@ -9,6 +9,11 @@ import json
 import pathlib
 import runpy
 
+import pytest
+
+# Examples and benchmarks: run by .ci/run, left out with -m 'not slow'.
+pytestmark = pytest.mark.slow
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_accumulate.py"
 METHODS = {

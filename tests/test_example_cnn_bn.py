@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import math
 
+import pytest
 from helpers import load_example
+
+# Examples and benchmarks: run by .ci/run, left out with -m 'not slow'.
+pytestmark = pytest.mark.slow
 
 
 def test_digits_cnn_batchnorm_runs_and_exact_mode_follows_the_full_batch(

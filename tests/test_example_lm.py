@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import math
 
+import pytest
 from helpers import load_example
+
+# Examples and benchmarks: run by .ci/run, left out with -m 'not slow'.
+pytestmark = pytest.mark.slow
 
 
 def test_token_weighted_lm_tracks_the_full_batch_and_the_mean_of_means_does_not(

@@ -275,3 +275,17 @@ def test_deeper_cnn_deviation_script_runs_and_first_layer_is_exact():
     assert report["exact"]["BatchNorm_0"][1] < 1e-5
     assert all(report["sequential"][layer][1] > 1e-2 for layer in report["sequential"])
     assert all(rel < 1e-2 for _, rel in report["exact"].values())
+
+
+def test_a_state_without_the_collection_says_it_is_absent(batch):
+    model = BNNet()
+    params = model.init(jax.random.key(0), jnp.zeros((2, 64)), train=False)["params"]
+    state = jf.TrainState.from_variables(model.apply, {"params": params}, optax.sgd(0.1))
+    with pytest.raises(ValueError, match="uses a variable collection the state does not hold"):
+        jf.train_step(loss_fn, K)(state, batch)
+
+
+def test_errors_name_the_batch_as_the_loss_receives_it(batch):
+    state = make_state(BNNet())
+    with pytest.raises(ValueError, match=r"batch size 64 at leaf batch\['x'\] is not divisible"):
+        jf.train_step(loss_fn, 5)(state, batch)

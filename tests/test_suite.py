@@ -13,6 +13,9 @@ import runpy
 
 import pytest
 
+# Examples and benchmarks: run by .ci/run, left out with -m 'not slow'.
+pytestmark = pytest.mark.slow
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
 MODELS = ("mlp", "cnn", "transformer")
