@@ -358,15 +358,30 @@ def train_step(
                             "apply(...) passes mutable= and rngs= itself (from the state's "
                             "collections and the train step's rngs); call it without them."
                         )
-                    variables = {"params": p, **seq, **fixed}
-                    extra = {"rngs": streams} if key else {}
+                    calls = box.get("calls", 0)
+                    box["calls"] = calls + 1
+                    if calls and names and fixed:
+                        raise ValueError(
+                            f"loss_fn called apply {calls + 1} times in one micro-batch, but "
+                            f"the collections {sorted(fixed)} (modes "
+                            f"{ {n: modes[n] for n in sorted(fixed)} }) are combined from one "
+                            "update per micro-batch, so a second update would be lost; call "
+                            "apply once per micro-batch (concatenate the inputs), or carry "
+                            "them with collections={name: 'sequential'}, which threads every "
+                            "call's updates into the next."
+                        )
+                    # A later call sees the collections as the earlier calls left them.
+                    current = {**seq, **box.get("new", {})}
+                    variables = {"params": p, **current, **fixed}
+                    rngs = {n: jax.random.fold_in(r, calls) for n, r in streams.items()}
+                    extra = {"rngs": rngs if calls else streams} if key else {}
                     with nn.intercept_methods(record):
                         if not names:
                             return state.apply_fn(variables, *args, **extra, **kwargs)
                         out, new = state.apply_fn(
                             variables, *args, mutable=names, **extra, **kwargs
                         )
-                    box["new"] = dict(new)
+                    box["new"] = {**box.get("new", {}), **dict(new)}
                     return out
 
                 try:

@@ -289,3 +289,27 @@ def test_errors_name_the_batch_as_the_loss_receives_it(batch):
     state = make_state(BNNet())
     with pytest.raises(ValueError, match=r"batch size 64 at leaf batch\['x'\] is not divisible"):
         jf.train_step(loss_fn, 5)(state, batch)
+
+
+def two_view_loss(apply: Any, mb: dict[str, jax.Array]) -> jax.Array:
+    """Two apply calls in one loss (two views of the micro-batch)."""
+    return 0.5 * (loss_fn(apply, mb) + loss_fn(apply, mb | {"x": mb["x"][::-1]}))
+
+
+def test_two_apply_calls_thread_sequential_collections(batch):
+    """Sequential collections: the second call sees the first call's update, as two
+    mutable applies threaded by hand do; nothing is dropped."""
+    state = make_state(BNNet())
+    got, _ = jf.train_step(two_view_loss, 1, batch_norm="sequential")(state, batch)
+    variables = {"params": state.params, **state.collections}
+    _, first = state.apply_fn(variables, batch["x"], train=True, mutable=["batch_stats"])
+    _, second = state.apply_fn(
+        {"params": state.params, **first}, batch["x"][::-1], train=True, mutable=["batch_stats"]
+    )
+    assert_trees_close(got.collections["batch_stats"], second["batch_stats"])
+
+
+def test_two_apply_calls_with_exact_statistics_raise(batch):
+    state = make_state(BNNet())
+    with pytest.raises(ValueError, match=r"called apply 2 times in one micro-batch.*batch_stats"):
+        jf.train_step(two_view_loss, K, batch_norm="exact")(state, batch)
