@@ -5,6 +5,7 @@ Import it as ``import jaxaccum.flax`` (it needs ``flax``; the rest of jaxaccum d
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, get_args
 
@@ -180,6 +181,39 @@ def _merge_exact(
             _bn.merged_update(old_leaf, f, f_mean, s_mean, momenta[module], leaf_name == "mean")
         )
     return jax.tree.unflatten(treedef, merged)
+
+
+_UNBOUND = re.compile(r"unbound axis name: ([^\s.]+)")
+
+
+def _bind_unbound_axes(fn: Callable[..., Any], args: tuple[Any, ...], devices: Any) -> Any:
+    """``fn(*args)``; on one device, axis names the model reduces over are bound (size 1).
+
+    A Flax model written for ``pmap`` (``BatchNorm(axis_name="batch")``, as in Flax's
+    ImageNet example) averages its statistics over that axis. Called without the axis bound
+    (one device, no ``pmap``, no ``axis_name=``), the step binds it with a size-1
+    ``jax.vmap``, over which a mean is the value itself: the single-device result.
+    """
+    bound: list[str] = []
+    while True:
+        try:
+            call = fn
+            for name in bound:
+                call = _size_one_axis(call, name)
+            return call(*args)
+        except NameError as err:
+            found = _UNBOUND.search(str(err))
+            if devices is not None or found is None or found.group(1) in bound:
+                raise
+            bound.append(found.group(1))
+
+
+def _size_one_axis(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
+    def run(*args: Any) -> Any:
+        out = jax.vmap(lambda *a: fn(*a), in_axes=None, axis_size=1, axis_name=name)(*args)
+        return jax.tree.map(lambda x: x[0], out)
+
+    return run
 
 
 def _teaching(err: Exception, names: Sequence[str]) -> Exception:
@@ -451,7 +485,8 @@ def train_step(
         keys: tuple[jax.Array, ...] = ()
         if base_key is not None and rng_names:
             keys = (jax.random.fold_in(base_key, state.step),)
-        out, final_seq = accumulated(state.params, batch, carried, given, *keys)
+        args = (state.params, batch, carried, given, *keys)
+        out, final_seq = _bind_unbound_axes(accumulated, args, data_axis or axis_name)
         result = finish_step(out, jnp.float32(1.0), state.params, nonfinite, has_aux)
         new_cols = dict(final_seq)
         for n in given:

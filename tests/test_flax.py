@@ -313,3 +313,26 @@ def test_two_apply_calls_with_exact_statistics_raise(batch):
     state = make_state(BNNet())
     with pytest.raises(ValueError, match=r"called apply 2 times in one micro-batch.*batch_stats"):
         jf.train_step(two_view_loss, K, batch_norm="exact")(state, batch)
+
+
+class PmapBNNet(nn.Module):
+    """``BNNet`` written for pmap, as Flax's ImageNet example is: BatchNorm over "batch"."""
+
+    axis_name: str | None = "batch"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        x = nn.Dense(32)(x)
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, axis_name=self.axis_name)(x)
+        return nn.Dense(10)(nn.relu(x))
+
+
+@pytest.mark.parametrize("batch_norm", ["sequential", "exact"])
+def test_batchnorm_with_an_axis_name_runs_on_one_device(batch, batch_norm):
+    """No pmap, no axis_name=: the model's "batch" axis is bound with size 1, and the step
+    equals the same model without an axis name."""
+    step = jax.jit(jf.train_step(loss_fn, K, batch_norm=batch_norm))
+    pmap_style, _ = step(make_state(PmapBNNet()), batch)
+    plain, _ = step(make_state(PmapBNNet(axis_name=None)), batch)
+    assert trees_equal(pmap_style.params, plain.params)
+    assert trees_equal(pmap_style.collections, plain.collections)
