@@ -5,6 +5,7 @@ Import it as ``import jaxaccum.flax`` (it needs ``flax``; the rest of jaxaccum d
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, get_args
@@ -183,6 +184,16 @@ def _merge_exact(
     return jax.tree.unflatten(treedef, merged)
 
 
+def _takes_params(loss_fn: Callable[..., Any]) -> bool:
+    """Whether ``loss_fn`` has a parameter named ``params`` (passed by keyword)."""
+    try:
+        parameters = inspect.signature(loss_fn).parameters
+    except (TypeError, ValueError):
+        return False
+    param = parameters.get("params")
+    return param is not None and param.kind != inspect.Parameter.POSITIONAL_ONLY
+
+
 _UNBOUND = re.compile(r"unbound axis name: ([^\s.]+)")
 
 
@@ -266,6 +277,8 @@ def train_step(
         with ``has_aux``. ``apply(*args, **kwargs)`` calls ``state.apply_fn`` with the
         params being differentiated, the state's collections (made mutable, each handled
         as its mode says) and this micro-batch's ``rngs``; it returns the model's output.
+        A ``loss_fn`` with a parameter named ``params`` also receives the params being
+        differentiated, for terms such as weight decay: ``loss_fn(apply, batch, params)``.
       k: micro-batches per update.
       batch_norm: how ``batch_stats`` are updated; see :data:`BatchNormMode`.
       collections: a mode per collection name (see :data:`CollectionMode`); collections
@@ -345,6 +358,7 @@ def train_step(
     """
     k = _check_k(k)
     _train_checks.check_functions(loss_fn, weight_fn, "loss_fn(apply, micro_batch)")
+    wants_params = _takes_params(loss_fn)
     if batch_norm not in get_args(BatchNormMode):
         raise ValueError(f"batch_norm={batch_norm!r} is not one of {get_args(BatchNormMode)}.")
     modes_given = dict(collections or {})
@@ -419,7 +433,7 @@ def train_step(
                     return out
 
                 try:
-                    out = loss_fn(apply, batch)
+                    out = loss_fn(apply, batch, **({"params": p} if wants_params else {}))
                 except (
                     flax.errors.ModifyScopeVariableError,
                     flax.errors.ScopeCollectionNotFound,

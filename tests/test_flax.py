@@ -336,3 +336,20 @@ def test_batchnorm_with_an_axis_name_runs_on_one_device(batch, batch_norm):
     plain, _ = step(make_state(PmapBNNet(axis_name=None)), batch)
     assert trees_equal(pmap_style.params, plain.params)
     assert trees_equal(pmap_style.collections, plain.collections)
+
+
+def test_the_loss_can_reach_the_params(batch):
+    """Weight decay written in the loss: ``loss_fn(apply, batch, params)`` gets the params
+    being differentiated; the step equals the full batch with the same loss."""
+
+    def decayed(apply: Any, mb: dict[str, jax.Array], params: Any) -> jax.Array:
+        l2 = sum(jnp.sum(w**2) for w in jax.tree.leaves(params))
+        return loss_fn(apply, mb) + 1e-2 * l2
+
+    model = BNNet(norm="layer")  # nothing depends on other examples: exact at any k
+    state = make_state(model)
+    got, _ = jf.train_step(decayed, K)(state, batch)
+    full, _ = jf.train_step(decayed, 1)(state, batch)
+    assert_trees_close(got.params, full.params)
+    plain, _ = jf.train_step(loss_fn, 1)(state, batch)
+    assert not trees_equal(plain.params, full.params)  # the decay term took effect
