@@ -5,6 +5,7 @@ Import it as ``import jaxaccum.flax`` (it needs ``flax``; the rest of jaxaccum d
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -373,7 +374,7 @@ def train_step(
 
     def update(state: Any, batch: Any) -> tuple[Any, TrainMetrics]:
         _check_state(state)
-        cols: dict[str, Any] = dict(getattr(state, "collections", None) or {})
+        cols, with_collections = _collections_of(state)
         modes = _modes(list(cols), batch_norm, modes_given)
         if nonfinite == "drop" and any(m != "sequential" for m in modes.values()):
             raise ValueError(
@@ -514,7 +515,7 @@ def train_step(
 
         def do_update(state: Any) -> Any:
             state = state.apply_gradients(grads=result.grads)
-            return state.replace(collections=new_cols) if cols else state
+            return with_collections(state, new_cols)
 
         def skip_update(state: Any) -> Any:
             if hasattr(state, "skipped"):
@@ -525,6 +526,29 @@ def train_step(
         return new_state, result.metrics
 
     return update
+
+
+_FLAX_FIELDS = {f.name for f in dataclasses.fields(train_state.TrainState)}
+
+
+def _collections_of(state: Any) -> tuple[dict[str, Any], Callable[[Any, dict[str, Any]], Any]]:
+    """The state's variable collections, and how to put new ones back.
+
+    jaxaccum's :class:`TrainState` keeps them in ``collections``; a subclass of Flax's own
+    ``TrainState`` (the flax/examples pattern) keeps each in a field of its name, such as
+    ``batch_stats``.
+    """
+    if isinstance(state, TrainState):
+        cols = dict(state.collections or {})
+        return cols, lambda s, new: s.replace(collections=new) if cols else s
+    names = [
+        f.name
+        for f in (dataclasses.fields(state) if dataclasses.is_dataclass(state) else ())
+        if f.name not in _FLAX_FIELDS and isinstance(getattr(state, f.name), Mapping)
+    ]
+    return {n: getattr(state, n) for n in names}, lambda s, new: s.replace(
+        **{n: new[n] for n in names}
+    )
 
 
 def _check_state(state: Any) -> None:

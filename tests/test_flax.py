@@ -353,3 +353,30 @@ def test_the_loss_can_reach_the_params(batch):
     assert_trees_close(got.params, full.params)
     plain, _ = jf.train_step(loss_fn, 1)(state, batch)
     assert not trees_equal(plain.params, full.params)  # the decay term took effect
+
+
+class FlaxExampleState(train_state.TrainState):
+    """The flax/examples pattern: Flax's own TrainState with a ``batch_stats`` field."""
+
+    batch_stats: Any = None
+
+
+@pytest.mark.parametrize("batch_norm", ["sequential", "exact"])
+def test_flax_own_train_state_with_a_batch_stats_field(batch, batch_norm):
+    """Flax's TrainState subclassed as flax/examples do: the step reads and writes
+    ``state.batch_stats`` and equals the same step on jaxaccum's TrainState."""
+    model = BNNet()
+    variables = model.init(jax.random.key(0), jnp.zeros((2, 64)), train=False)
+    theirs = FlaxExampleState.create(
+        apply_fn=model.apply,
+        params=variables["params"],
+        tx=optax.sgd(0.1),
+        batch_stats=variables["batch_stats"],
+    )
+    step = jax.jit(jf.train_step(loss_fn, K, batch_norm=batch_norm))
+    got, _ = step(theirs, batch)
+    want, _ = step(make_state(model), batch)
+    assert isinstance(got, FlaxExampleState)
+    assert trees_equal(got.params, want.params)
+    assert trees_equal(got.batch_stats, want.collections["batch_stats"])
+    assert not trees_equal(got.batch_stats, variables["batch_stats"])  # updated
