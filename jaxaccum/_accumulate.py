@@ -196,7 +196,9 @@ def accumulate(
 
     Args:
       step_fn: the function to run per micro-batch, typically ``jax.value_and_grad(loss)``.
-      k: the number of micro-batches (static). ``k == 1`` returns ``step_fn`` itself.
+      k: the number of micro-batches (static). ``k == 1`` returns ``step_fn`` itself,
+        unless a ``STACK``/``CONCAT`` or user-defined reduction, ``num_real_microbatches``
+        or devices (``data_axis``, ``axis_name``) need the loop's bookkeeping.
       batch_argnums: positions of the batch argument(s); default 1 (``step_fn(params,
         batch)``), or none when ``batch_argnames`` is given.
       batch_argnames: names of batch arguments passed by keyword.
