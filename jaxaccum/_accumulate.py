@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxaccum import _args, _cpu_conv, _devices, _layouts, _reduce, _sharding, _split
+from jaxaccum import _args, _checks, _cpu_conv, _devices, _layouts, _reduce, _sharding, _split
 from jaxaccum._args import ArgRef, BoundCall
 from jaxaccum._devices import Local
 from jaxaccum._sharding import FSDP, DataAxis
@@ -19,97 +19,6 @@ from jaxaccum._split import Split
 F = TypeVar("F", bound=Callable[..., Any])
 
 SCOPE = "jaxaccum.accumulate"
-
-
-def _check_k(k: Any) -> int:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(
-            f"k must be a positive int (the number of micro-batches), got {k!r} of type "
-            f"{type(k).__name__}; e.g. k=8. k is static: it fixes the scan length."
-        )
-    return int(k)
-
-
-def _check_unroll(unroll: Any) -> int | bool:
-    if isinstance(unroll, bool) or (isinstance(unroll, int) and unroll >= 1):
-        return unroll
-    raise ValueError(f"unroll must be a positive int or a bool, got {unroll!r}.")
-
-
-def _check_accum_dtype(accum_dtype: Any) -> np.dtype | None:
-    """A floating dtype, or None (each leaf's own dtype: no widening)."""
-    if accum_dtype is None:
-        return None
-    dtype = np.dtype(accum_dtype)
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise ValueError(
-            f"accum_dtype must be a floating dtype such as float32, or None for each leaf's "
-            f"own dtype, got {dtype}."
-        )
-    return dtype
-
-
-_RAW_KEY_LENGTHS = {2, 4}  # threefry2x32 / rbg key data, as jax.random.PRNGKey makes them
-
-
-def _check_key(key: Any, label: str) -> None:
-    dtype = getattr(key, "dtype", None)
-    if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key):
-        if key.shape == ():
-            return
-    elif dtype == jnp.uint32 and np.ndim(key) == 1:
-        if np.shape(key)[0] in _RAW_KEY_LENGTHS:
-            return
-        raise TypeError(
-            f"{label} is a uint32 array of shape {np.shape(key)}, which is not a "
-            "legacy PRNG key (jax.random.PRNGKey(seed) has shape (2,)); pass "
-            "jax.random.key(seed), and split batches of keys "
-            "before the call."
-        )
-    got = f"shape {getattr(key, 'shape', None)} dtype {dtype}" if dtype else type(key).__name__
-    raise TypeError(
-        f"{label} must be one PRNG key (jax.random.key(seed), or a legacy "
-        f"uint32 jax.random.PRNGKey(seed)), got {got}; split batches of keys before the call "
-        "or pass the key array as a batch argument instead."
-    )
-
-
-def _check_in_axes(in_axes: Any, n_batch: int) -> tuple[int, ...]:
-    """One example axis for all batch arguments, or one per batch argument."""
-    given = (in_axes,) if isinstance(in_axes, (int, np.integer)) else in_axes
-    try:
-        axes = tuple(given)
-    except TypeError:
-        axes = ()
-    ok = all(isinstance(a, (int, np.integer)) and not isinstance(a, bool) and a >= 0 for a in axes)
-    if not axes or not ok or len(axes) not in (1, n_batch):
-        raise ValueError(
-            f"in_axes must be a non-negative int (the example axis of every batch argument) "
-            f"or one per batch argument ({n_batch}: batch_argnums, then batch_argnames), "
-            f"got {in_axes!r}; e.g. in_axes=1 for time-major (T, N, ...) batches."
-        )
-    return tuple(int(a) for a in axes)
-
-
-def _check_num_real(num_real: Any, k: int) -> Any:
-    """None, a concrete count in [0, k], or a traced integer scalar (clipped when run)."""
-    if num_real is None:
-        return None
-    if isinstance(num_real, jax.core.Tracer):
-        dtype = num_real.dtype
-        if np.shape(num_real) != () or not jnp.issubdtype(dtype, jnp.integer):
-            raise TypeError(
-                f"num_real_microbatches must be an integer scalar, got shape "
-                f"{np.shape(num_real)} dtype {dtype}; e.g. jnp.int32(m)."
-            )
-        return num_real
-    value = np.asarray(num_real)
-    if value.shape != () or not np.issubdtype(value.dtype, np.integer) or not 0 <= value <= k:
-        raise ValueError(
-            f"num_real_microbatches must be an integer in [0, k={k}] (how many of the k "
-            f"micro-batches run), got {num_real!r}."
-        )
-    return int(value)
 
 
 def _check_carry(before: dict[str, Any], after: dict[str, Any]) -> None:
@@ -351,10 +260,10 @@ def accumulate(
       >>> bool(jnp.array_equal(draws(key, ids), jnp.stack(expected)))
       True
     """
-    k = _check_k(k)
+    k = _checks.check_k(k)
     split = _split.check_split(split)
-    unroll = _check_unroll(unroll)
-    accum = _check_accum_dtype(accum_dtype)
+    unroll = _checks.check_unroll(unroll)
+    accum = _checks.check_accum_dtype(accum_dtype)
     if weight_fn is not None and not callable(weight_fn):
         raise TypeError(f"weight_fn must be callable, got {type(weight_fn).__name__}.")
     spec = _reduce.spec_members(reduce)
@@ -380,8 +289,8 @@ def accumulate(
         raise ValueError("no batch argument: give batch_argnums= or batch_argnames=.")
     _args.check_disjoint(roles)
     dp = _sharding.data_parallel(data_axis, mesh, axis_name, fsdp, in_specs)
-    axes = _check_in_axes(in_axes, len(roles["batch"]))
-    num_real = _check_num_real(num_real_microbatches, k)
+    axes = _checks.check_in_axes(in_axes, len(roles["batch"]))
+    num_real = _checks.check_num_real(num_real_microbatches, k)
     plain = all(r is None or _reduce.is_builtin(r, *_reduce.PER_STEP) for r in spec)
     if k == 1 and plain and dp is None and num_real is None:
         return step_fn
@@ -467,7 +376,7 @@ def _run(
     state = tuple(call.get(ref, "carry") for ref in carry_refs)
     keys = tuple(call.get(ref, "rng") for ref in rng_refs)
     for ref, key in zip(rng_refs, keys, strict=True):
-        _check_key(key, ref.describe("rng"))
+        _checks.check_key(key, ref.describe("rng"))
     views, axes = _split.microbatches(batch, k, split, _split.axes_of(batch, in_axes))
     if local is not None and keys:
         device = _sharding.device_index(local.axes)

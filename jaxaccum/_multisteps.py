@@ -11,7 +11,7 @@ import numpy as np
 import optax
 
 from jaxaccum import _reduce, _split
-from jaxaccum._accumulate import _check_accum_dtype
+from jaxaccum._checks import check_accum_dtype
 
 SCOPE = "jaxaccum.multi_steps"
 _K_BAD = (
@@ -403,7 +403,7 @@ def multi_steps(
     """
     inner = _as_inner(optimizer)
     schedule = _as_schedule(every_k_schedule)
-    accum = _check_accum_dtype(accum_dtype)
+    accum = check_accum_dtype(accum_dtype)
     if not isinstance(use_grad_mean, bool):
         raise TypeError(f"use_grad_mean must be a bool, got {use_grad_mean!r}.")
     if should_skip_update_fn is not None and not callable(should_skip_update_fn):

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxaccum import _bn, _train_checks
-from jaxaccum._accumulate import _check_k, _check_key, accumulate
+from jaxaccum import _bn, _checks
+from jaxaccum._accumulate import accumulate
 from jaxaccum._reduce import Reduce
 from jaxaccum._sharding import FSDP, DataAxis
 from jaxaccum._split import Split
@@ -123,7 +123,7 @@ def _zero_bn(rest: Any, momenta: dict[Path, float]) -> Any:
 
 
 def _check_args(loss_fn: Any, weight_fn: Any, batch_norm: Any, nonfinite: Any) -> None:
-    _train_checks.check_functions(loss_fn, weight_fn, "loss_fn(model, micro_batch)")
+    _checks.check_functions(loss_fn, weight_fn, "loss_fn(model, micro_batch)")
     if batch_norm not in ("sequential", "exact"):
         raise ValueError(
             f"batch_norm={batch_norm!r} is not one of ('sequential', 'exact'); use "
@@ -270,7 +270,7 @@ def nnx_train_step(
       >>> [round(float(m), 4) for m in model.norm.mean[...]]
       [0.15, 0.16]
     """
-    k = _check_k(k)
+    k = _checks.check_k(k)
     _check_args(loss_fn, weight_fn, batch_norm, nonfinite)
     exact = batch_norm == "exact"
 
@@ -281,7 +281,7 @@ def nnx_train_step(
         momenta = _batch_norms(model, exact)
         wrt = optimizer.wrt
         graphdef, params, rest = _split_model(model, wrt)
-        _train_checks.check_opt_state(
+        _checks.check_opt_state(
             nnx.as_pure(optimizer.opt_state),
             optimizer.tx.init,
             nnx.as_pure(params),
@@ -296,7 +296,7 @@ def nnx_train_step(
             def loss_of(p: Any) -> tuple[jax.Array, Any]:
                 # Copied: variables created in this trace may be updated by the model.
                 model = nnx.merge(graphdef, p, given, copy=True)
-                loss, aux = _train_checks.split_loss(loss_fn(model, batch), has_aux)
+                loss, aux = _checks.split_loss(loss_fn(model, batch), has_aux)
                 return loss, (aux, _split_model(model, wrt)[2])
 
             (loss, (aux, new)), grads = jax.value_and_grad(loss_of, has_aux=True)(p)
@@ -316,7 +316,7 @@ def nnx_train_step(
 
         keys: tuple[jax.Array, ...] = ()
         if key is not None:
-            _check_key(key, "key")
+            _checks.check_key(key, "key")
             keys = (jax.random.fold_in(key, optimizer.step[...]),)
         accumulated = accumulate(
             micro,

@@ -11,8 +11,8 @@ import jax
 import numpy as np
 from jax.extend import core as jex_core
 
-from jaxaccum import _args, _split
-from jaxaccum._accumulate import SCOPE, _check_k
+from jaxaccum import _args, _checks, _split
+from jaxaccum._accumulate import SCOPE
 from jaxaccum._memory import MemoryStats
 from jaxaccum._sharding import FSDP
 
@@ -163,7 +163,7 @@ def _candidate_ks(args: tuple[Any, ...], batch_argnums: Any, ks: Any) -> tuple[i
         return n, _split.divisors(n)
     if isinstance(ks, int):
         raise TypeError(f"ks must be a sequence of k values, e.g. ks=({ks},), got {ks!r}.")
-    chosen = sorted({_check_k(k) for k in ks})
+    chosen = sorted({_checks.check_k(k) for k in ks})
     if not chosen:
         raise ValueError("ks is empty; give candidate k values, or ks=None for every divisor.")
     first = next(p for label, t in batch.items() for p, _ in _split.leaves_with_paths(t, label))

@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxaccum import _loss_scale, _train_checks
-from jaxaccum._accumulate import _check_k, accumulate
+from jaxaccum import _checks, _loss_scale
+from jaxaccum._accumulate import accumulate
 from jaxaccum._loss_scale import DynamicLossScale, LossScaleState
 from jaxaccum._reduce import Reduce
 from jaxaccum._sharding import FSDP, DataAxis
@@ -330,9 +330,9 @@ def train_step(
       >>> bool(metrics.applied), float(state.loss_scale.scale)
       (False, 16384.0)
     """
-    k = _check_k(k)
+    k = _checks.check_k(k)
     call = "loss_fn(params, batch, key)" if with_key else "loss_fn(params, batch)"
-    _train_checks.check_functions(loss_fn, weight_fn, call)
+    _checks.check_functions(loss_fn, weight_fn, call)
     if not isinstance(optimizer, optax.GradientTransformation):
         raise TypeError(
             f"optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}."
@@ -361,7 +361,7 @@ def train_step(
 
     def micro(params: Any, batch: Any, scale: Any, *key: jax.Array) -> dict[str, Any]:
         def scaled(p: Any) -> tuple[jax.Array, tuple[jax.Array, Any]]:
-            loss, aux = _train_checks.split_loss(loss_fn(p, batch, *key), has_aux)
+            loss, aux = _checks.split_loss(loss_fn(p, batch, *key), has_aux)
             return loss * jnp.asarray(scale, loss.dtype), (loss, aux)
 
         (_, (loss, aux)), grads = jax.value_and_grad(scaled, has_aux=True)(params)
@@ -383,7 +383,7 @@ def train_step(
     )
 
     def update(state: TrainState, batch: Any) -> tuple[TrainState, TrainMetrics]:
-        _train_checks.check_opt_state(
+        _checks.check_opt_state(
             state.opt_state,
             optimizer.init,
             state.params,

@@ -18,8 +18,8 @@ import jax.numpy as jnp
 from flax import struct
 from flax.training import train_state
 
-from jaxaccum import _bn, _split, _train_checks
-from jaxaccum._accumulate import _check_k, accumulate
+from jaxaccum import _bn, _checks, _split
+from jaxaccum._accumulate import accumulate
 from jaxaccum._nnx import nnx_train_step as nnx_train_step
 from jaxaccum._reduce import Reduce
 from jaxaccum._sharding import FSDP, DataAxis
@@ -357,8 +357,8 @@ def train_step(
       >>> [round(float(m), 4) for m in new.collections["batch_stats"]["BatchNorm_0"]["mean"]]
       [0.15, 0.16]
     """
-    k = _check_k(k)
-    _train_checks.check_functions(loss_fn, weight_fn, "loss_fn(apply, micro_batch)")
+    k = _checks.check_k(k)
+    _checks.check_functions(loss_fn, weight_fn, "loss_fn(apply, micro_batch)")
     wants_params = _takes_params(loss_fn)
     if batch_norm not in get_args(BatchNormMode):
         raise ValueError(f"batch_norm={batch_norm!r} is not one of {get_args(BatchNormMode)}.")
@@ -454,7 +454,7 @@ def train_step(
                         f"{names} were not updated; compute the model's output with "
                         "apply(x, ...) inside loss_fn."
                     )
-                loss, aux = _train_checks.split_loss(out, has_aux)
+                loss, aux = _checks.split_loss(out, has_aux)
                 return loss, (aux, box.get("new", {}))
 
             (loss, (aux, new)), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
@@ -559,7 +559,7 @@ def _check_state(state: Any) -> None:
             f"{type(getattr(state, 'apply_fn', None)).__name__}; build the state with "
             "jaxaccum.flax.TrainState.from_variables(model.apply, model.init(key, x), tx)."
         )
-    _train_checks.check_opt_state(
+    _checks.check_opt_state(
         state.opt_state,
         state.tx.init,
         state.params,

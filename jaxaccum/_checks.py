@@ -1,7 +1,8 @@
-"""What the train steps (Optax, linen, NNX) check of their inputs, in one place.
+"""Argument checks shared by every entry point: the transform's options and the train steps'.
 
-Each front-end passes its own names (``state.opt_state`` or ``optimizer.opt_state``) and
-its own fix, so a message reads in the terms of the call the user wrote.
+Each raises ``ValueError``/``TypeError`` naming the argument, the leaf path where there is one,
+and the fix. The train-step checks take each front-end's own names (``state.opt_state`` or
+``optimizer.opt_state``), so a message reads in the terms of the call the user wrote.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxaccum import _split
@@ -152,3 +154,94 @@ def check_opt_state(
             f"{where} was made for params of other shapes than {source} gives: "
             f"{'; '.join(changed[:_SHOWN])}{more}; {fix}"
         )
+
+
+def check_k(k: Any) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(
+            f"k must be a positive int (the number of micro-batches), got {k!r} of type "
+            f"{type(k).__name__}; e.g. k=8. k is static: it fixes the scan length."
+        )
+    return int(k)
+
+
+def check_unroll(unroll: Any) -> int | bool:
+    if isinstance(unroll, bool) or (isinstance(unroll, int) and unroll >= 1):
+        return unroll
+    raise ValueError(f"unroll must be a positive int or a bool, got {unroll!r}.")
+
+
+def check_accum_dtype(accum_dtype: Any) -> np.dtype | None:
+    """A floating dtype, or None (each leaf's own dtype: no widening)."""
+    if accum_dtype is None:
+        return None
+    dtype = np.dtype(accum_dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(
+            f"accum_dtype must be a floating dtype such as float32, or None for each leaf's "
+            f"own dtype, got {dtype}."
+        )
+    return dtype
+
+
+RAW_KEY_LENGTHS = {2, 4}  # threefry2x32 / rbg key data, as jax.random.PRNGKey makes them
+
+
+def check_key(key: Any, label: str) -> None:
+    dtype = getattr(key, "dtype", None)
+    if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key):
+        if key.shape == ():
+            return
+    elif dtype == jnp.uint32 and np.ndim(key) == 1:
+        if np.shape(key)[0] in RAW_KEY_LENGTHS:
+            return
+        raise TypeError(
+            f"{label} is a uint32 array of shape {np.shape(key)}, which is not a "
+            "legacy PRNG key (jax.random.PRNGKey(seed) has shape (2,)); pass "
+            "jax.random.key(seed), and split batches of keys "
+            "before the call."
+        )
+    got = f"shape {getattr(key, 'shape', None)} dtype {dtype}" if dtype else type(key).__name__
+    raise TypeError(
+        f"{label} must be one PRNG key (jax.random.key(seed), or a legacy "
+        f"uint32 jax.random.PRNGKey(seed)), got {got}; split batches of keys before the call "
+        "or pass the key array as a batch argument instead."
+    )
+
+
+def check_in_axes(in_axes: Any, n_batch: int) -> tuple[int, ...]:
+    """One example axis for all batch arguments, or one per batch argument."""
+    given = (in_axes,) if isinstance(in_axes, (int, np.integer)) else in_axes
+    try:
+        axes = tuple(given)
+    except TypeError:
+        axes = ()
+    ok = all(isinstance(a, (int, np.integer)) and not isinstance(a, bool) and a >= 0 for a in axes)
+    if not axes or not ok or len(axes) not in (1, n_batch):
+        raise ValueError(
+            f"in_axes must be a non-negative int (the example axis of every batch argument) "
+            f"or one per batch argument ({n_batch}: batch_argnums, then batch_argnames), "
+            f"got {in_axes!r}; e.g. in_axes=1 for time-major (T, N, ...) batches."
+        )
+    return tuple(int(a) for a in axes)
+
+
+def check_num_real(num_real: Any, k: int) -> Any:
+    """None, a concrete count in [0, k], or a traced integer scalar (clipped when run)."""
+    if num_real is None:
+        return None
+    if isinstance(num_real, jax.core.Tracer):
+        dtype = num_real.dtype
+        if np.shape(num_real) != () or not jnp.issubdtype(dtype, jnp.integer):
+            raise TypeError(
+                f"num_real_microbatches must be an integer scalar, got shape "
+                f"{np.shape(num_real)} dtype {dtype}; e.g. jnp.int32(m)."
+            )
+        return num_real
+    value = np.asarray(num_real)
+    if value.shape != () or not np.issubdtype(value.dtype, np.integer) or not 0 <= value <= k:
+        raise ValueError(
+            f"num_real_microbatches must be an integer in [0, k={k}] (how many of the k "
+            f"micro-batches run), got {num_real!r}."
+        )
+    return int(value)
