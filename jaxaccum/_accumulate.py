@@ -346,15 +346,6 @@ def _check_outputs(out: Any) -> Any:
     return jax.tree_util.tree_map_with_path(one, out)
 
 
-def _weight_dtype(accum_dtype: np.dtype | None, flat_avals: list[Any]) -> np.dtype:
-    """Weight sums: float32, or as wide as the accumulators and floating outputs."""
-    dtype = np.dtype(jnp.float32) if accum_dtype is None else accum_dtype
-    for a in flat_avals:
-        if jnp.issubdtype(a.dtype, jnp.inexact):
-            dtype = jnp.promote_types(dtype, jnp.finfo(a.dtype).dtype)
-    return np.dtype(jnp.promote_types(dtype, jnp.float32))
-
-
 def _run(
     step_fn: Callable[..., Any],
     call: BoundCall,
@@ -441,7 +432,7 @@ def _run(
     ]
     for r, a, c, acc, path in zip(flat_r, flat_avals, ctxs, accs, paths, strict=True):
         _check_reduction_carry(r, a, c, acc, path)
-    w_dtype = _weight_dtype(accum_dtype, flat_avals)
+    w_dtype = _reduce.weight_dtype(accum_dtype, flat_avals)
     w_init = jnp.zeros((), w_dtype) if w_aval is None else _typed(jnp.zeros((), w_dtype), w_aval)
     # Every micro-batch's weight, for combining outputs over devices (LAST, STACK).
     keep_ws = w_aval is not None and local is not None
@@ -490,9 +481,10 @@ def _run(
             lambda c, _: (body(c), None), carry, None, length=count, unroll=unroll
         )[0]
     accs, state, w_sum, ws, _ = carry
+    # An output reduced without ``combine`` is finished per device and aggregated here.
+    done: dict[int, Any] = {}
     if local is not None:
         devices = local.devices
-        gathered: list[Any] = []
         for i, (r, a, c, lay, now) in enumerate(
             zip(flat_r, accs, ctxs, flat_lay, scatter_now, strict=True)
         ):
@@ -501,18 +493,15 @@ def _run(
                 accs[i] = _devices.replicas(a, lay, local.axes)
             elif r.combine is not None:
                 accs[i] = _devices.combine(r, a, dev, lay)
-            else:  # finalize on each device, gather the results, aggregate them
+            else:
                 mine = r.finalize(a, c._replace(count=count, weight_sum=w_sum))
-                gathered.append((i, _devices.aggregate(r, mine, local.axes, paths[i])))
+                done[i] = _devices.aggregate(r, mine, local.axes, paths[i])
         # Devices inside a caller's shard_map may each have run their own number.
         traced = isinstance(count, jax.Array)
         count = jax.lax.psum(count, local.axes) if traced else count * devices
         if weight_fn is not None:
             w_sum = jax.lax.psum(w_sum, local.axes)
         state = _sharding.combine_state(state, local.axes)
-    else:
-        gathered = []
-    done = dict(gathered)
     out_flat = [
         done[i] if i in done else r.finalize(a, c._replace(count=count, weight_sum=w_sum))
         for i, (r, a, c) in enumerate(zip(flat_r, accs, ctxs, strict=True))

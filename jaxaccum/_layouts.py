@@ -56,6 +56,15 @@ def explicit_in(spec: Any, mesh: Any) -> bool:
     return any(_names(entry) & explicit for entry in spec)
 
 
+def explicit_entry(x: Any, dim: int) -> Any:
+    """The mesh axes an array's type (Explicit axes) shards dimension ``dim`` over, or None."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    mesh, spec = getattr(sharding, "mesh", None), getattr(sharding, "spec", None)
+    if mesh is None or mesh.empty or spec is None or len(spec) <= dim:
+        return None
+    return spec[dim] if explicit_in((spec[dim],), mesh) else None
+
+
 def _type_spec(x: Any) -> PartitionSpec | None:
     """The partition spec an array's type (Explicit axes) or placement carries, if any."""
     sharding = getattr(jax.typeof(x), "sharding", None)

@@ -84,7 +84,7 @@ class MultiStepsState(NamedTuple):
         """
         mini = jnp.asarray(state.mini_step, jnp.int32)
         step = jnp.asarray(state.gradient_step, jnp.int32)
-        count = mini.astype(_weight_dtype(None, jax.tree.leaves(state.acc_grads)))
+        count = mini.astype(_reduce.weight_dtype(None, jax.tree.leaves(state.acc_grads)))
         acc = state.acc_grads
         if use_grad_mean:
             acc = jax.tree.map(lambda a: (a * count.astype(a.dtype)).astype(a.dtype), acc)
@@ -424,7 +424,7 @@ def multi_steps(
             inner_opt_state=inner.init(params),
             acc_grads=jax.tree.map(lambda p: _zeros_acc(p, accum), params),
             skip_state=_skip_decision(skip_fn, zeros, step, params)[1],
-            acc_weight=jnp.zeros((), _weight_dtype(accum, leaves)),
+            acc_weight=jnp.zeros((), _reduce.weight_dtype(accum, leaves)),
             emitted=jnp.zeros((), jnp.bool_),
         )
 
@@ -448,9 +448,11 @@ def multi_steps(
                 counts = ~skip & (w > 0)
 
             def add(a: jax.Array, g: Any) -> jax.Array:
-                wide = jnp.promote_types(a.dtype, w.dtype)  # w*g before any cast down
-                g = (jnp.asarray(g).astype(wide) * w.astype(wide)).astype(a.dtype)
-                return jnp.where(counts, a + g, a)
+                g = jnp.asarray(g)
+                if weight is not None:  # w*g before any cast down
+                    wide = jnp.promote_types(a.dtype, w.dtype)
+                    g = g.astype(wide) * w.astype(wide)
+                return jnp.where(counts, a + g.astype(a.dtype), a)
 
             acc = jax.tree.map(add, state.acc_grads, grads)
             mini_step = state.mini_step + counts.astype(jnp.int32)
@@ -492,14 +494,6 @@ def _as_inner(optimizer: Any) -> Any:
             f"optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}."
         )
     return optax.with_extra_args_support(optimizer)
-
-
-def _weight_dtype(accum: np.dtype | None, leaves: list[Any]) -> np.dtype:
-    dtype = np.dtype(jnp.float32) if accum is None else accum
-    for leaf in leaves:
-        if jnp.issubdtype(leaf.dtype, jnp.inexact):
-            dtype = jnp.promote_types(dtype, jnp.finfo(leaf.dtype).dtype)
-    return np.dtype(jnp.promote_types(dtype, jnp.float32))
 
 
 def flush(

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxaccum import _split
+from jaxaccum import _layouts
 
 
 class Reduce(enum.Enum):
@@ -170,6 +170,15 @@ def accum_dtype(dtype: Any, accum: Any) -> np.dtype:
     return np.dtype(jnp.promote_types(dtype, accum))
 
 
+def weight_dtype(accum: Any, leaves: list[Any]) -> np.dtype:
+    """Weight sums: float32, or as wide as the accumulators and floating ``leaves``."""
+    dtype = np.dtype(jnp.float32) if accum is None else accum
+    for leaf in leaves:
+        if jnp.issubdtype(leaf.dtype, jnp.inexact):
+            dtype = jnp.promote_types(dtype, jnp.finfo(leaf.dtype).dtype)
+    return np.dtype(jnp.promote_types(dtype, jnp.float32))
+
+
 def _zeros(out: Any, ctx: ReduceContext) -> jax.Array:
     return jnp.zeros(out.shape, accum_dtype(out.dtype, ctx.accum_dtype))
 
@@ -271,7 +280,7 @@ def _unsplit(acc: jax.Array, ctx: ReduceContext) -> jax.Array:
     """Stacked ``(k, n, ...)`` outputs back in the batch's example order ``(k·n, ...)``."""
     if ctx.split == "strided":
         acc = jnp.swapaxes(acc, 0, 1)  # rows sharded by type stay major: a free merge
-    elif _split.explicit_entry(acc, 1) is not None:
+    elif _layouts.explicit_entry(acc, 1) is not None:
         # Micro-batch-major order interleaves the devices' rows: gather them first.
         spec = jax.typeof(acc).sharding.spec
         acc = jax.sharding.reshard(acc, jax.sharding.PartitionSpec(*spec[:1], None, *spec[2:]))

@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxaccum import _layouts
+
 Split = Literal["strided", "contiguous", "presplit"]
 """How a batch of N examples becomes k micro-batches.
 
@@ -188,21 +190,10 @@ def microbatches(
     return views, index_axes
 
 
-def explicit_entry(x: Any, dim: int) -> Any:
-    """The mesh axes an array's type (Explicit axes) shards dimension ``dim`` over, or None."""
-    sharding = getattr(jax.typeof(x), "sharding", None)
-    mesh, spec = getattr(sharding, "mesh", None), getattr(sharding, "spec", None)
-    if mesh is None or mesh.empty or spec is None or len(spec) <= dim or spec[dim] is None:
-        return None
-    names = spec[dim] if isinstance(spec[dim], tuple) else (spec[dim],)
-    explicit = [n for n in names if mesh._name_to_type[n] == jax.sharding.AxisType.Explicit]
-    return spec[dim] if explicit else None
-
-
 def _check_contiguous(tree: Any, axis: int, label: str) -> None:
     """Raises if a contiguous split would have to move a batch sharded by its type."""
     for path, leaf in leaves_with_paths(tree, label):
-        entry = explicit_entry(leaf, axis)
+        entry = _layouts.explicit_entry(leaf, axis)
         if entry is not None:
             raise ValueError(
                 f"split='contiguous' cannot cut batch leaf {path}, whose example axis is "
