@@ -10,7 +10,7 @@ mesh axis ``data`` (params replicated), split into k micro-batches:
 * ``optax.microbatch``: ``optax.microbatch`` under ``jax.jit``;
 * ``python loop``: k calls of a jitted micro-batch gradient (each call communicates once).
 
-Counts come from :func:`jaxaccum.collectives`; ``per_step`` counts what runs per step: an
+Counts come from :func:`jaxaccum.inspect.collectives`; ``per_step`` counts what runs per step: an
 instruction inside the loop runs k times (k calls for the Python loop). The script needs 8
 devices; run it as ``python benchmarks/collectives.py`` and it re-executes itself with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` when it has fewer (on a GPU host with
@@ -100,7 +100,7 @@ def _rows(ks: Sequence[int], n: int) -> list[dict[str, Any]]:
     for name, build in methods.items():
         for k in ks:
             fn, args, calls = build(k)
-            report = jaxaccum.collectives(fn, params, args)
+            report = jaxaccum.inspect.collectives(fn, params, args)
             loops = 1 if calls > 1 else k
             per_step = sum(loops if c.in_loop else 1 for c in report.collectives) * calls
             moved = sum(

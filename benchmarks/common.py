@@ -68,7 +68,7 @@ class Method:
     name: str
     step: Callable[[], Any]
     result: Callable[[], Any]
-    memory: jaxaccum.MemoryStats
+    memory: jaxaccum.inspect.MemoryStats
     compile_s: float
     prepare: Callable[[], None] | None = None
     one_call: bool = True
@@ -88,7 +88,7 @@ class Compiled(NamedTuple):
     """
 
     fn: Any
-    memory: jaxaccum.MemoryStats
+    memory: jaxaccum.inspect.MemoryStats
     compile_s: float
     flops: float | None
 
@@ -103,7 +103,7 @@ def compiled(
     compile_s = time.perf_counter() - start
     cost = executable.cost_analysis()
     flops = cost.get("flops") if isinstance(cost, dict) else None
-    memory = jaxaccum.compiled_memory(jitted, *args)  # the compilation above is cached
+    memory = jaxaccum.inspect.compiled_memory(jitted, *args)  # the compilation above is cached
     return Compiled(jitted, memory, compile_s, None if flops is None else float(flops))
 
 

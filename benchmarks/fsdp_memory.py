@@ -14,7 +14,7 @@ mesh axis ``data``) on 8 devices, compiled and never run. Layouts:
 
 Memory is XLA's compiled memory analysis per device (the state donated, as in training);
 the accumulator is the loop's carry per device (``plan_microbatches``' column); collectives
-are read from the compiled HLO with ``jaxaccum.collectives``. Run it as
+are read from the compiled HLO with ``jaxaccum.inspect.collectives``. Run it as
 ``python benchmarks/fsdp_memory.py``; it re-executes itself with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` when it has fewer devices.
 """
@@ -96,7 +96,7 @@ def _rows(ks: Sequence[int], n: int) -> list[dict[str, Any]]:
                 traced = jax.jit(fn, donate_argnums=0).trace(state, b)
                 compiled = traced.lower().compile()
             memory = compiled.memory_analysis()
-            report = jaxaccum.CollectiveReport.from_hlo(compiled.as_text())
+            report = jaxaccum.inspect.CollectiveReport.from_hlo(compiled.as_text())
             peak = (
                 memory.argument_size_in_bytes
                 + memory.output_size_in_bytes

@@ -290,7 +290,7 @@ def collectives_section(s: Settings) -> list[dict[str, Any]]:
     Runs ``benchmarks/collectives.py`` (in a child process started with
     ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` unless this one already has 8
     devices): the MLP's gradient over a batch of 512 sharded over a data axis of 8 devices,
-    counted with ``jaxaccum.collectives``. ``--no-collectives`` skips it.
+    counted with ``jaxaccum.inspect.collectives``. ``--no-collectives`` skips it.
 
     Args:
       s: the suite's settings (the ks to cover).

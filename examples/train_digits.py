@@ -160,7 +160,7 @@ class Run:
     init: Callable[[Params], Any]
     update: Callable[[Any, Batch], tuple[Any, jax.Array]]
     params: Callable[[Any], Params]
-    memory: Callable[[Any, Batch], jaxaccum.MemoryStats]
+    memory: Callable[[Any, Batch], jaxaccum.inspect.MemoryStats]
 
 
 def grad_fn_run(name: str, k: int, grad_fn: GradFn, optimizer: optax.GradientTransformation) -> Run:
@@ -187,7 +187,7 @@ def grad_fn_run(name: str, k: int, grad_fn: GradFn, optimizer: optax.GradientTra
         init=lambda params: (params, optimizer.init(params)),
         update=step,
         params=lambda state: state[0],
-        memory=lambda state, batch: jaxaccum.compiled_memory(step, state, batch),
+        memory=lambda state, batch: jaxaccum.inspect.compiled_memory(step, state, batch),
     )
 
 
@@ -206,7 +206,7 @@ def train_step_run(k: int, optimizer: optax.GradientTransformation) -> Run:
         init=built.init,
         update=step,
         params=lambda state: state.params,
-        memory=lambda state, batch: jaxaccum.compiled_memory(update, state, batch),
+        memory=lambda state, batch: jaxaccum.inspect.compiled_memory(update, state, batch),
     )
 
 
@@ -247,7 +247,9 @@ def multi_steps_run(k: int, optimizer: optax.GradientTransformation) -> Run:
         init=lambda params: (params, opt.init(params)),
         update=step,
         params=lambda state: state[0],
-        memory=lambda state, batch: jaxaccum.compiled_memory(jitted, state, micro(batch, 0)),
+        memory=lambda state, batch: jaxaccum.inspect.compiled_memory(
+            jitted, state, micro(batch, 0)
+        ),
     )
 
 

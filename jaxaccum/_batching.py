@@ -44,7 +44,7 @@ def effective_batch_size(per_device_batch: int, k: int, num_devices: int | None 
 
     Examples:
       >>> import jaxaccum
-      >>> jaxaccum.effective_batch_size(per_device_batch=8, k=4, num_devices=8)
+      >>> jaxaccum.inspect.effective_batch_size(per_device_batch=8, k=4, num_devices=8)
       256
     """
     devices = jax.device_count() if num_devices is None else num_devices
@@ -74,7 +74,7 @@ def accumulation_steps(
 
     Examples:
       >>> import jaxaccum
-      >>> jaxaccum.accumulation_steps(target_batch=1024, per_device_batch=16, num_devices=8)
+      >>> jaxaccum.inspect.accumulation_steps(target_batch=1024, per_device_batch=16, num_devices=8)
       8
     """
     devices = jax.device_count() if num_devices is None else num_devices
@@ -118,9 +118,9 @@ def scale_learning_rate(
 
     Examples:
       >>> import jaxaccum
-      >>> jaxaccum.scale_learning_rate(0.1, base_batch=256, new_batch=1024, rule="linear")
+      >>> jaxaccum.inspect.scale_learning_rate(0.1, base_batch=256, new_batch=1024, rule="linear")
       0.4
-      >>> jaxaccum.scale_learning_rate(1e-3, base_batch=256, new_batch=1024, rule="sqrt")
+      >>> jaxaccum.inspect.scale_learning_rate(1e-3, base_batch=256, new_batch=1024, rule="sqrt")
       0.002
     """
     if rule not in get_args(ScalingRule):

@@ -41,7 +41,7 @@ _SOURCE = re.compile(r'op_name="(?P<source>[^"]*)"')
 _BITS = {"pred": 8, "bf16": 16}
 _HOW = (
     "pass the compiled program's text, jax.jit(f).lower(*args).compile().as_text(), "
-    "or simply call jaxaccum.collectives(f, *args)"
+    "or simply call jaxaccum.inspect.collectives(f, *args)"
 )
 
 
@@ -144,7 +144,7 @@ class CollectiveReport:
           ...   %ag = f32[32]{0} all-gather(%a), dimensions={0}
           ... }
           ... '''
-          >>> report = jaxaccum.CollectiveReport.from_hlo(hlo)
+          >>> report = jaxaccum.inspect.CollectiveReport.from_hlo(hlo)
           >>> report.counts(in_loop=True), report.counts(in_loop=False)
           ({'all-reduce': 1}, {'all-gather': 1})
           >>> [c.bytes for c in report.collectives]
@@ -155,11 +155,11 @@ class CollectiveReport:
 
           >>> import jax, jax.numpy as jnp
           >>> lowered = jax.jit(jnp.sin).lower(jnp.ones(4))
-          >>> jaxaccum.CollectiveReport.from_hlo(lowered.as_text())
+          >>> jaxaccum.inspect.CollectiveReport.from_hlo(lowered.as_text())
           Traceback (most recent call last):
           ...
           ValueError: CollectiveReport.from_hlo got StableHLO/MLIR text ...
-          >>> report = jaxaccum.CollectiveReport.from_hlo(lowered.compile().as_text())
+          >>> report = jaxaccum.inspect.CollectiveReport.from_hlo(lowered.compile().as_text())
           >>> report.collectives
           ()
         """
@@ -335,7 +335,7 @@ def collectives(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Collective
       On one device a jitted function has nothing to communicate:
 
       >>> import jax, jax.numpy as jnp, jaxaccum
-      >>> report = jaxaccum.collectives(lambda x: jnp.sin(x).sum(), jnp.ones(8))
+      >>> report = jaxaccum.inspect.collectives(lambda x: jnp.sin(x).sum(), jnp.ones(8))
       >>> report.counts(), report.in_loop
       ({}, ())
 
@@ -346,7 +346,7 @@ def collectives(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Collective
       >>> def step(w, xs):
       ...     body = lambda acc, x: (acc + lax.pmean(x @ w, "batch"), None)
       ...     return lax.scan(body, jnp.zeros(3), xs)[0]
-      >>> report = jaxaccum.collectives(
+      >>> report = jaxaccum.inspect.collectives(
       ...     jax.pmap(step, axis_name="batch"), jnp.ones((1, 4, 3)), jnp.ones((1, 2, 4))
       ... )
       >>> report.counts(in_loop=True), report.in_loop[0].bytes
@@ -354,14 +354,15 @@ def collectives(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Collective
     """
     if isinstance(fn, str):
         raise TypeError(
-            "jaxaccum.collectives takes the function, not its HLO text; for text use "
-            "jaxaccum.CollectiveReport.from_hlo(compiled.as_text())"
+            "jaxaccum.inspect.collectives takes the function, not its HLO text; for text use "
+            "jaxaccum.inspect.CollectiveReport.from_hlo(compiled.as_text())"
         )
     if isinstance(fn, jax.stages.Lowered | jax.stages.Compiled):
         if args or kwargs:
             raise TypeError(
                 f"a {type(fn).__name__} program is already specialised to its arguments: call "
-                "jaxaccum.collectives(it) without arguments, or pass the function and arguments"
+                "jaxaccum.inspect.collectives(it) without arguments, or pass the function and "
+                "arguments"
             )
         compiled = fn.compile() if isinstance(fn, jax.stages.Lowered) else fn
     elif callable(fn):
@@ -369,7 +370,7 @@ def collectives(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Collective
         compiled = jitted.lower(*args, **kwargs).compile()
     else:
         raise TypeError(
-            f"jaxaccum.collectives takes a function (plain, jax.jit, jax.pmap or "
+            f"jaxaccum.inspect.collectives takes a function (plain, jax.jit, jax.pmap or "
             f"jax.shard_map) and its arguments, got {type(fn).__name__}"
         )
     text = compiled.as_text()

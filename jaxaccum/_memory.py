@@ -45,7 +45,7 @@ def compiled_memory(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Memory
     Examples:
       >>> import jax, jax.numpy as jnp, jaxaccum
       >>> x = jax.ShapeDtypeStruct((1024, 256), jnp.float32)
-      >>> stats = jaxaccum.compiled_memory(lambda x: jnp.tanh(x @ x.T).sum(), x)
+      >>> stats = jaxaccum.inspect.compiled_memory(lambda x: jnp.tanh(x @ x.T).sum(), x)
       >>> stats.argument_bytes
       1048576
     """

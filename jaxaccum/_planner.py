@@ -296,7 +296,7 @@ def plan_microbatches(
       ...     return jnp.mean(x**2)
       >>> params = [jax.ShapeDtypeStruct((256, 256), jnp.float32)] * 3
       >>> batch = jax.ShapeDtypeStruct((1024, 256), jnp.float32)  # nothing is allocated
-      >>> plan = jaxaccum.plan_microbatches(
+      >>> plan = jaxaccum.inspect.plan_microbatches(
       ...     lambda k: jaxaccum.accumulate(jax.value_and_grad(loss), k),
       ...     params, batch, budget=9 * 2**20 // 2)
       >>> plan.k, plan.micro_batch_size

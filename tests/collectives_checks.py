@@ -1,4 +1,4 @@
-"""``jaxaccum.collectives`` on hand-written 8-device steps: pmap, shard_map, FSDP.
+"""``jaxaccum.inspect.collectives`` on hand-written 8-device steps: pmap, shard_map, FSDP.
 
 Not collected by the default run (the name does not start with ``test_``): it needs eight
 devices, which XLA:CPU only creates when the process starts with
@@ -104,7 +104,7 @@ def per_device(batch: Batch) -> Batch:
 
 def test_pmap_all_reduces_once_after_the_scan(devices):
     step, batches = pmap_step(reduce_in_loop=False), per_device(digits_batch(N))
-    report = jaxaccum.collectives(step, init_mlp(), batches)
+    report = jaxaccum.inspect.collectives(step, init_mlp(), batches)
     assert report.in_loop == (), report
     assert report.counts(in_loop=False) == {"all-reduce": 1}, report
     assert report.outside_loop[0].bytes == sum(p.nbytes for p in init_mlp().values())
@@ -113,7 +113,7 @@ def test_pmap_all_reduces_once_after_the_scan(devices):
 
 def test_pmap_with_pmean_in_the_scan_all_reduces_in_the_loop(devices):
     step, batches = pmap_step(reduce_in_loop=True), per_device(digits_batch(N))
-    report = jaxaccum.collectives(step, init_mlp(), batches)
+    report = jaxaccum.inspect.collectives(step, init_mlp(), batches)
     assert report.counts(in_loop=True) == {"all-reduce": 1}, report
     assert report.in_loop[0].loop_depth == 1
     assert report.outside_loop == (), report
@@ -153,7 +153,7 @@ def test_shard_map_all_reduces_once_after_the_scan(mesh, jit):
     step = shard_map_step(mesh, reduce_in_loop=False)
     step = jax.jit(step) if jit else step
     args = replicated(init_mlp(), mesh), micro_batches(digits_batch(N), mesh)
-    report = jaxaccum.collectives(step, *args)
+    report = jaxaccum.inspect.collectives(step, *args)
     assert report.in_loop == (), report
     assert report.counts(in_loop=False) == {"all-reduce": 1}, report
     assert report.outside_loop[0].bytes == sum(p.nbytes for p in init_mlp().values())
@@ -166,7 +166,7 @@ def test_shard_map_with_pmean_in_the_scan_all_reduces_in_the_loop(mesh, jit):
     step = shard_map_step(mesh, reduce_in_loop=True)
     step = jax.jit(step) if jit else step
     args = replicated(init_mlp(), mesh), micro_batches(digits_batch(N), mesh)
-    report = jaxaccum.collectives(step, *args)
+    report = jaxaccum.inspect.collectives(step, *args)
     assert report.counts(in_loop=True) == {"all-reduce": 1}, report
     assert report.outside_loop == (), report
     if jit:  # the bare function would run op by op; its program is the jitted one
@@ -184,7 +184,7 @@ def test_invariant_params_have_their_gradient_all_reduced_in_the_loop(mesh):
 
     mapped = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(None, "data")), out_specs=P())
     args = replicated(init_mlp(), mesh), micro_batches(digits_batch(N), mesh)
-    report = jaxaccum.collectives(jax.jit(mapped), *args)
+    report = jaxaccum.inspect.collectives(jax.jit(mapped), *args)
     assert report.counts(in_loop=True).get("all-reduce", 0) >= 1, report
     summed = jax.tree.map(lambda g: g * DEVICES, reference_grad())
     assert_trees_close(jax.jit(mapped)(*args), summed)
@@ -247,7 +247,7 @@ def fsdp_params(mesh: jax.sharding.Mesh) -> Params:
 def test_fsdp_gathers_and_scatters_in_the_loop_with_per_device_bytes(mesh):
     step = fsdp_step(mesh, tie_to_batch=True)
     args = fsdp_params(mesh), micro_batches(digits_batch(N), mesh)
-    report = jaxaccum.collectives(step, *args)
+    report = jaxaccum.inspect.collectives(step, *args)
     sharded = [p for p in init_mlp().values() if fsdp_spec(p) == P("data")]
     assert report.counts(in_loop=True) == {"all-gather": 3, "reduce-scatter": 3}, report
     assert report.counts(in_loop=False) == {"all-reduce": 1}, report
@@ -265,7 +265,7 @@ def test_fsdp_gather_of_loop_invariant_params_is_hoisted_out_of_the_loop(mesh):
     program (loop depth 0) while the source op still names the body."""
     step = fsdp_step(mesh, tie_to_batch=False)
     args = fsdp_params(mesh), micro_batches(digits_batch(N), mesh)
-    report = jaxaccum.collectives(step, *args)
+    report = jaxaccum.inspect.collectives(step, *args)
     gathers = [c for c in report.collectives if c.op == "all-gather"]
     assert len(gathers) == 3 and not any(c.in_loop for c in gathers), report
     assert all("while/body" in c.source for c in gathers), report

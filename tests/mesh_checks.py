@@ -11,8 +11,9 @@ data axis (FSDP: every matrix's first axis over 8 devices) or tensor-parallel (e
 matrix's second axis over ``"model"`` of a 4 × 2 mesh). References are single-device
 programs on unplaced arrays: the full-batch ``jax.value_and_grad``, or a hand-written Optax
 loop. Tolerances: 1e-6 abs / 1e-5 rel (float32 round-off of summing in another order).
-Communication and memory are read from compiled programs (``jaxaccum.collectives``,
-``jaxaccum.compiled_memory``, ``jaxaccum.plan_microbatches``); those checks run nothing.
+Communication and memory are read from compiled programs (``jaxaccum.inspect.collectives``,
+``jaxaccum.inspect.compiled_memory``, ``jaxaccum.inspect.plan_microbatches``); those checks run
+nothing.
 """
 
 from __future__ import annotations
@@ -326,7 +327,7 @@ def test_step_that_pmeans_itself_inside_shard_map(full_batch, axis_type):
     params, batch = fresh_params(), shard_batch(digits_batch(N), mesh)
     with jax.set_mesh(mesh):
         out = fn(params, batch)
-        report = jaxaccum.collectives(fn, params, batch)
+        report = jaxaccum.inspect.collectives(fn, params, batch)
     assert_trees_close(out, full_batch)
     assert report.counts(in_loop=True).get("all-reduce", 0) >= 1, report
 
@@ -340,7 +341,7 @@ def test_axis_name_inside_shard_map_reduces_once_after_the_loop(full_batch, axis
     params, batch = fresh_params(), shard_batch(digits_batch(N), mesh)
     with jax.set_mesh(mesh):
         out = fn(params, batch)
-        report = jaxaccum.collectives(fn, params, batch)
+        report = jaxaccum.inspect.collectives(fn, params, batch)
     assert_trees_close(out, full_batch)
     assert report.in_loop == (), report
     reduced = sum(c.bytes for c in report.outside_loop if c.op == "all-reduce")
@@ -409,7 +410,9 @@ def test_pmap_synchronised_batchnorm_three_steps_equal_one_device():
 def test_pmap_flax_step_reduces_every_output_once_after_the_loop():
     state = jf.TrainState.from_variables(MLP().apply, fresh_params(), ADAM)
     pupdate = jax.pmap(jf.train_step(linen_loss, K, axis_name="batch"), axis_name="batch")
-    report = jaxaccum.collectives(pupdate, jax_utils.replicate(state), per_device(digits_batch(N)))
+    report = jaxaccum.inspect.collectives(
+        pupdate, jax_utils.replicate(state), per_device(digits_batch(N))
+    )
     assert report.in_loop == (), report
     reduced = sum(c.bytes for c in report.outside_loop if c.op == "all-reduce")
     # gradient, loss sum, weight, the k per-micro-batch losses, the all-finite flag (int32)
@@ -464,7 +467,7 @@ def plain_fsdp_step(state: jaxaccum.TrainState, batch: Any) -> jaxaccum.TrainSta
     return state._replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state)
 
 
-def peak(stats: jaxaccum.MemoryStats) -> int:
+def peak(stats: jaxaccum.inspect.MemoryStats) -> int:
     return stats.argument_bytes + stats.output_bytes + stats.temp_bytes - stats.alias_bytes
 
 
@@ -485,7 +488,9 @@ def test_fsdp_per_microbatch_memory_falls_with_k_below_the_plain_step():
     }
     with jax.set_mesh(mesh):
         peaks = {
-            name: peak(jaxaccum.compiled_memory(jax.jit(fn, donate_argnums=0), state, batch))
+            name: peak(
+                jaxaccum.inspect.compiled_memory(jax.jit(fn, donate_argnums=0), state, batch)
+            )
             for name, fn in steps.items()
         }
     per_microbatch = [peaks["per_microbatch", k] for k in (2, 4, 8)]
@@ -503,7 +508,7 @@ def test_fsdp_gathers_and_reduce_scatters_where_the_strategy_says(fsdp):
     with jax.set_mesh(mesh):
         step = big_step(8, fsdp)
         state = jax.eval_shape(step.init, params)
-        report = jaxaccum.collectives(jax.jit(step.update, donate_argnums=0), state, batch)
+        report = jaxaccum.inspect.collectives(jax.jit(step.update, donate_argnums=0), state, batch)
     where = report.in_loop if fsdp == "per_microbatch" else report.outside_loop
     elsewhere = report.outside_loop if fsdp == "per_microbatch" else report.in_loop
     moved = {
@@ -524,7 +529,7 @@ def test_plan_counts_the_per_device_accumulator():
     params, batch = big_inputs(mesh)
     state = jax.eval_shape(big_step(1, "per_microbatch").init, params)
     with jax.set_mesh(mesh):
-        plan = jaxaccum.plan_microbatches(
+        plan = jaxaccum.inspect.plan_microbatches(
             lambda k, fsdp: big_step(k, fsdp).update,
             state,
             batch,

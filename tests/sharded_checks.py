@@ -8,7 +8,7 @@ file in such a subprocess, so CI runs it on every push.
 References are single-device programs in the same process (plain jitted functions run on
 device 0): the full-batch gradient, a hand-written Optax loop, or hand-written per-shard
 BatchNorm. Tolerances: 1e-6 abs / 1e-5 rel (float32 round-off of summing in another order).
-Communication is read from the compiled HLO with ``jaxaccum.collectives``.
+Communication is read from the compiled HLO with ``jaxaccum.inspect.collectives``.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def test_gradient_equals_one_device_and_all_reduces_once_after_the_loop(mesh, k)
     sharded = shard_batch(batch, mesh)
     assert_trees_close(grad_fn(params, sharded), reference)
 
-    report = jaxaccum.collectives(grad_fn, params, sharded)
+    report = jaxaccum.inspect.collectives(grad_fn, params, sharded)
     assert report.in_loop == ()
     assert not any(c.op in MOVERS for c in report.collectives), report
     reduced = sum(c.bytes for c in report.outside_loop if c.op == "all-reduce")
@@ -91,7 +91,7 @@ def test_naive_gspmd_loop_all_reduces_inside_the_loop(mesh, k):
     """Negative control: the same accumulation left to the compiler communicates k times."""
     params, batch = init_params(), shard_batch(digits_batch(N), mesh)
     naive = jax.jit(jaxaccum.accumulate(jax.value_and_grad(mean_loss), k))
-    report = jaxaccum.collectives(naive, params, batch)
+    report = jaxaccum.inspect.collectives(naive, params, batch)
     assert report.counts(in_loop=True).get("all-reduce", 0) >= 1, report
 
 
@@ -99,14 +99,16 @@ def test_naive_contiguous_split_moves_the_batch(mesh):
     """Negative control: a (k, N/k) split under the compiler gathers the batch."""
     params, batch = init_params(), shard_batch(digits_batch(N), mesh)
     naive = jax.jit(jaxaccum.accumulate(jax.value_and_grad(mean_loss), 4, split="contiguous"))
-    report = jaxaccum.collectives(naive, params, batch)
+    report = jaxaccum.inspect.collectives(naive, params, batch)
     assert any(c.op in MOVERS for c in report.collectives), report
     sharded = jax.jit(
         jaxaccum.accumulate(
             jax.value_and_grad(mean_loss), 4, split="contiguous", data_axis="data", mesh=mesh
         )
     )
-    assert not any(c.op in MOVERS for c in jaxaccum.collectives(sharded, params, batch).collectives)
+    assert not any(
+        c.op in MOVERS for c in jaxaccum.inspect.collectives(sharded, params, batch).collectives
+    )
 
 
 def sgd_reference(params: Any, batches: list[Any], tx: optax.GradientTransformation) -> Any:
@@ -144,7 +146,7 @@ def test_ten_train_steps_equal_one_device(mesh, layout, k):
         kernel = state.params["params"]["Dense_0"]["kernel"]
         assert kernel.sharding.spec == P("data")
 
-    report = jaxaccum.collectives(update, state, shard_batch(batches[0], mesh))
+    report = jaxaccum.inspect.collectives(update, state, shard_batch(batches[0], mesh))
     assert report.in_loop == (), report
     gathered = [c for c in report.collectives if c.op in MOVERS]
     if layout == "replicated":
@@ -271,7 +273,7 @@ def test_synchronised_batchnorm_equals_one_device(mesh):
     assert_trees_close(many.params, one.params)
     assert_trees_close(many.collections, one.collections)
 
-    report = jaxaccum.collectives(step, bn_state("data"), shard_batch(batch, mesh))
+    report = jaxaccum.inspect.collectives(step, bn_state("data"), shard_batch(batch, mesh))
     # statistics are all-reduced in the loop (forward and backward of each BatchNorm layer),
     # tiny (one feature vector each); the gradient once after it.
     assert report.counts(in_loop=True).get("all-reduce", 0) >= 1
@@ -322,7 +324,7 @@ def test_per_device_batchnorm_matches_hand_written_shards(mesh):
     assert_trees_close(new.params, ref_params)
     assert_trees_close(new.collections, ref_stats)
 
-    report = jaxaccum.collectives(step, bn_state(None), shard_batch(batch, mesh))
+    report = jaxaccum.inspect.collectives(step, bn_state(None), shard_batch(batch, mesh))
     assert report.in_loop == (), report
 
 
@@ -387,7 +389,7 @@ def test_planner_chooses_strategy_and_k_and_counts_sharded_accumulators(mesh):
         ).update
 
     state = jaxaccum.train_step(loss, tx, 2).init(placed)
-    every = jaxaccum.plan_microbatches(
+    every = jaxaccum.inspect.plan_microbatches(
         make,
         state,
         batch,
@@ -412,7 +414,7 @@ def test_planner_chooses_strategy_and_k_and_counts_sharded_accumulators(mesh):
     assert rows[(8, "per_microbatch")].peak_bytes < rows[(8, "gather_once")].peak_bytes
     # a budget only the per-micro-batch loop meets
     budget = (rows[(2, "per_microbatch")].peak_bytes + rows[(2, "gather_once")].peak_bytes) // 2
-    plan = jaxaccum.plan_microbatches(
+    plan = jaxaccum.inspect.plan_microbatches(
         make,
         state,
         batch,

@@ -305,7 +305,7 @@ def test_temp_memory_falls_with_k():
     x = jax.ShapeDtypeStruct((n, width), jnp.float32)
 
     def temp(k: int) -> int:
-        return jaxaccum.compiled_memory(
+        return jaxaccum.inspect.compiled_memory(
             jaxaccum.accumulate(jax.value_and_grad(loss), k), params, x
         )[2]
 

@@ -14,37 +14,45 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def test_all_is_pinned():
     assert jaxaccum.__all__ == [
         "FSDP",
-        "Collective",
-        "CollectiveReport",
         "DataAxis",
         "DynamicLossScale",
         "LossScaleState",
-        "MemoryStats",
-        "MicrobatchPlan",
         "MultiStepsState",
         "NonFinite",
         "Reduce",
         "ReduceContext",
         "Reduction",
-        "ScalingRule",
         "Split",
         "TrainMetrics",
         "TrainState",
         "TrainStep",
         "accumulate",
-        "accumulation_steps",
-        "collectives",
-        "compiled_memory",
-        "effective_batch_size",
         "flush",
         "multi_steps",
         "pad_batch",
-        "plan_microbatches",
-        "scale_learning_rate",
         "train_step",
     ]
     for name in jaxaccum.__all__:
         assert hasattr(jaxaccum, name)
+
+
+def test_inspection_tools_live_in_a_submodule():
+    assert jaxaccum.inspect.__all__ == [
+        "Collective",
+        "CollectiveReport",
+        "MemoryStats",
+        "MicrobatchPlan",
+        "ScalingRule",
+        "accumulation_steps",
+        "collectives",
+        "compiled_memory",
+        "effective_batch_size",
+        "plan_microbatches",
+        "scale_learning_rate",
+    ]
+    for name in jaxaccum.inspect.__all__:
+        assert hasattr(jaxaccum.inspect, name)
+        assert not hasattr(jaxaccum, name), name
 
 
 def test_version_matches_installed_metadata():
@@ -67,7 +75,8 @@ def test_public_functions_document_args_returns_and_examples():
         "flush",
         "plan_microbatches",
     ):
-        doc = inspect.getdoc(getattr(jaxaccum, name)) or ""
+        owner = jaxaccum.inspect if name in jaxaccum.inspect.__all__ else jaxaccum
+        doc = inspect.getdoc(getattr(owner, name)) or ""
         for section in (
             "Args:",
             "Returns:",

@@ -143,8 +143,8 @@ ENTRY %main (w.1: f32[8,32], v: f32[4,16], k: s32[]) -> f32[8,32] {
 
 def test_text_that_is_not_hlo_raises_and_says_what_to_pass():
     with pytest.raises(ValueError, match="compiled HLO module") as info:
-        jaxaccum.CollectiveReport.from_hlo("not an HLO module")
-    assert HOW in str(info.value) and "jaxaccum.collectives(f, *args)" in str(info.value)
+        jaxaccum.inspect.CollectiveReport.from_hlo("not an HLO module")
+    assert HOW in str(info.value) and "jaxaccum.inspect.collectives(f, *args)" in str(info.value)
     assert "not an HLO module" in str(info.value)
 
 
@@ -155,7 +155,7 @@ def test_text_that_is_not_hlo_raises_and_says_what_to_pass():
 )
 def test_hlo_without_header_or_entry_raises(text):
     with pytest.raises(ValueError, match=r"'HloModule \.\.\.' header line and an 'ENTRY'"):
-        jaxaccum.CollectiveReport.from_hlo(text)
+        jaxaccum.inspect.CollectiveReport.from_hlo(text)
 
 
 def test_stablehlo_text_raises_and_says_it_is_before_compilation():
@@ -164,7 +164,7 @@ def test_stablehlo_text_raises_and_says_it_is_before_compilation():
 
     text = jax.jit(step).lower(jnp.ones(8)).as_text()
     with pytest.raises(ValueError, match="StableHLO/MLIR") as info:
-        jaxaccum.CollectiveReport.from_hlo(text)
+        jaxaccum.inspect.CollectiveReport.from_hlo(text)
     message = str(info.value)
     assert "lowered program, before compilation" in message
     assert "only final after compilation" in message
@@ -185,25 +185,25 @@ module @jit_step attributes {mhlo.num_partitions = 8 : i32} {
 }
 """
     with pytest.raises(ValueError, match="StableHLO/MLIR"):
-        jaxaccum.CollectiveReport.from_hlo(text)
+        jaxaccum.inspect.CollectiveReport.from_hlo(text)
 
 
 def test_hlo_before_compilation_raises():
     text = jax.jit(jnp.sin).lower(jnp.ones(8)).as_text(dialect="hlo")
     assert text.startswith("HloModule")
     with pytest.raises(ValueError, match="without a schedule") as info:
-        jaxaccum.CollectiveReport.from_hlo(text)
+        jaxaccum.inspect.CollectiveReport.from_hlo(text)
     assert HOW in str(info.value)
 
 
 def test_non_text_raises_type_error():
     compiled = jax.jit(jnp.sin).lower(jnp.ones(8)).compile()
     with pytest.raises(TypeError, match=r"got Compiled; pass .*compile\(\)\.as_text\(\)"):
-        jaxaccum.CollectiveReport.from_hlo(compiled)  # type: ignore[arg-type]
+        jaxaccum.inspect.CollectiveReport.from_hlo(compiled)  # type: ignore[arg-type]
 
 
 def test_synthetic_program_counts_depths_and_bytes():
-    report = jaxaccum.CollectiveReport.from_hlo(SYNTHETIC_HLO)
+    report = jaxaccum.inspect.CollectiveReport.from_hlo(SYNTHETIC_HLO)
     got = [(c.op, c.loop_depth, c.bytes, c.computation) for c in report.collectives]
     assert got == [
         ("reduce-scatter", 2, 8 * 32 * 4, "wrapped_reduce_scatter"),
@@ -230,7 +230,7 @@ def test_synthetic_program_counts_depths_and_bytes():
 
 def test_hlo_printed_without_percent_signs():
     def summary(text: str) -> list[tuple[str, int, int]]:
-        report = jaxaccum.CollectiveReport.from_hlo(text)
+        report = jaxaccum.inspect.CollectiveReport.from_hlo(text)
         return [(c.op, c.loop_depth, c.bytes) for c in report.collectives]
 
     assert summary(SYNTHETIC_HLO.replace("%", "")) == summary(SYNTHETIC_HLO)
@@ -244,7 +244,7 @@ def test_jitted_function_on_one_device_has_no_collectives():
 
         return lax.scan(body, jnp.zeros_like(w), xs)[0]
 
-    report = jaxaccum.collectives(step, jnp.ones((4, 3)), jnp.ones((5, 2, 4)))
+    report = jaxaccum.inspect.collectives(step, jnp.ones((4, 3)), jnp.ones((5, 2, 4)))
     assert report.collectives == ()
     assert str(report).startswith("in loops: none; outside loops: none")
 
@@ -263,22 +263,22 @@ def test_pmap_and_shard_map_on_one_device_read_the_loop():
     """The multi-device forms compile on one device too; the one-device all-reduce stays."""
     w, xs = jnp.ones((4, 3)), jnp.ones((2, 4))
     pmapped = jax.pmap(scan_with_pmean("batch"), axis_name="batch")
-    report = jaxaccum.collectives(pmapped, w[None], xs[None])
+    report = jaxaccum.inspect.collectives(pmapped, w[None], xs[None])
     assert report.counts(in_loop=True) == {"all-reduce": 1}, report
     assert report.in_loop[0].bytes == 3 * 4
 
     mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     mapped = jax.shard_map(scan_with_pmean("data"), mesh=mesh, in_specs=P(), out_specs=P())
     for fn in (mapped, jax.jit(mapped)):
-        report = jaxaccum.collectives(fn, w, xs)
+        report = jaxaccum.inspect.collectives(fn, w, xs)
         assert report.counts(in_loop=True) == {"all-reduce": 1}, report
 
 
 def test_lowered_and_compiled_programs_are_read_as_they_are():
     lowered = jax.jit(jnp.sin).lower(jnp.ones(8))
-    assert jaxaccum.collectives(lowered) == jaxaccum.collectives(lowered.compile())
+    assert jaxaccum.inspect.collectives(lowered) == jaxaccum.inspect.collectives(lowered.compile())
     with pytest.raises(TypeError, match="without arguments"):
-        jaxaccum.collectives(lowered, jnp.ones(8))
+        jaxaccum.inspect.collectives(lowered, jnp.ones(8))
 
 
 @pytest.mark.parametrize(
@@ -287,4 +287,4 @@ def test_lowered_and_compiled_programs_are_read_as_they_are():
 )
 def test_collectives_rejects_what_it_cannot_compile(fn, match):
     with pytest.raises(TypeError, match=match):
-        jaxaccum.collectives(fn)
+        jaxaccum.inspect.collectives(fn)

@@ -33,13 +33,15 @@ def shapes(dtype=jnp.float32):
 @pytest.fixture(scope="module")
 def every_k():
     """Every candidate in KS compiled: the reference estimates."""
-    return jaxaccum.plan_microbatches(grad_step, *shapes(), budget=2**40, ks=KS, compile_all=True)
+    return jaxaccum.inspect.plan_microbatches(
+        grad_step, *shapes(), budget=2**40, ks=KS, compile_all=True
+    )
 
 
 def test_chosen_k_fits_and_the_next_smaller_does_not(every_k):
     by_k = {c.k: c for c in every_k.candidates}
     budget = (by_k[2].peak_bytes + by_k[4].peak_bytes) // 2
-    plan = jaxaccum.plan_microbatches(grad_step, *shapes(), budget=budget)
+    plan = jaxaccum.inspect.plan_microbatches(grad_step, *shapes(), budget=budget)
     assert (plan.k, plan.micro_batch_size, plan.budget_bytes) == (4, N // 4, budget)
     chosen, smaller = plan.candidates[-1], plan.candidates[-2]
     assert chosen.k == 4 and chosen.fits and chosen.peak_bytes <= budget
@@ -66,10 +68,10 @@ def test_estimates_fall_as_k_grows(every_k):
 
 
 def test_accumulator_is_the_float32_sums():
-    f32 = jaxaccum.plan_microbatches(
+    f32 = jaxaccum.inspect.plan_microbatches(
         grad_step, *shapes(), budget=2**40, ks=(1, 4), compile_all=True
     )
-    bf16 = jaxaccum.plan_microbatches(
+    bf16 = jaxaccum.inspect.plan_microbatches(
         grad_step, *shapes(jnp.bfloat16), budget=2**40, ks=(4,), compile_all=True
     )
     grad_bytes = 3 * WIDTH * WIDTH * 4
@@ -110,7 +112,7 @@ def test_train_step_with_donated_state():
 
     state = jax.eval_shape(jaxaccum.train_step(tanh_loss, optimizer, 1).init, params)
     kept, donated = (
-        jaxaccum.plan_microbatches(
+        jaxaccum.inspect.plan_microbatches(
             update, state, batch, budget=2**40, ks=(1, 4), donate_argnums=d, compile_all=True
         )
         for d in ((), 0)
@@ -130,9 +132,11 @@ def test_planned_k_runs_and_gives_the_full_batch_gradient():
         return jaxaccum.accumulate(jax.value_and_grad(mean_loss), k)
 
     ks = (1, 2, 4, 8)
-    every = jaxaccum.plan_microbatches(step, params, batch, budget=2**40, ks=ks, compile_all=True)
+    every = jaxaccum.inspect.plan_microbatches(
+        step, params, batch, budget=2**40, ks=ks, compile_all=True
+    )
     budget = every.candidates[2].peak_bytes
-    plan = jaxaccum.plan_microbatches(step, params, batch, budget=budget, ks=ks)
+    plan = jaxaccum.inspect.plan_microbatches(step, params, batch, budget=budget, ks=ks)
     assert plan.k > 1 and plan.candidates[-1].peak_bytes <= budget
     value, grads = jax.jit(step(plan.k))(params, batch)
     ref_value, ref_grads = jax.jit(jax.value_and_grad(mean_loss))(params, batch)
@@ -143,7 +147,7 @@ def test_planned_k_runs_and_gives_the_full_batch_gradient():
 
 def test_nothing_fits_shows_the_estimates_and_the_ways_out():
     with pytest.raises(ValueError, match="no k fits the budget of 1 B") as info:
-        jaxaccum.plan_microbatches(grad_step, *shapes(), budget=1, ks=(2, 4))
+        jaxaccum.inspect.plan_microbatches(grad_step, *shapes(), budget=1, ks=(2, 4))
     message = str(info.value)
     assert "at k=4" in message and "| temporaries |" in message
     for way_out in ("jax.checkpoint", "shard", "jaxaccum.pad_batch"):
@@ -154,7 +158,7 @@ def test_fraction_budget_needs_a_device_memory_limit():
     if (jax.devices()[0].memory_stats() or {}).get("bytes_limit"):
         pytest.skip("this device reports a memory limit")
     with pytest.raises(ValueError, match="pass the budget in bytes"):
-        jaxaccum.plan_microbatches(grad_step, *shapes(), budget=0.5)
+        jaxaccum.inspect.plan_microbatches(grad_step, *shapes(), budget=0.5)
 
 
 @pytest.mark.parametrize(
@@ -170,7 +174,7 @@ def test_fraction_budget_needs_a_device_memory_limit():
 )
 def test_bad_budget(budget, error, match):
     with pytest.raises(error, match=match):
-        jaxaccum.plan_microbatches(grad_step, *shapes(), budget=budget)
+        jaxaccum.inspect.plan_microbatches(grad_step, *shapes(), budget=budget)
 
 
 @pytest.mark.parametrize(
@@ -184,16 +188,16 @@ def test_bad_budget(budget, error, match):
 )
 def test_bad_ks(ks, match):
     with pytest.raises(ValueError, match=match):
-        jaxaccum.plan_microbatches(grad_step, *shapes(), budget=2**30, ks=ks)
+        jaxaccum.inspect.plan_microbatches(grad_step, *shapes(), budget=2**30, ks=ks)
 
 
 def test_bad_batch_argnums_and_make_step():
     with pytest.raises(ValueError, match="batch_argnums=2 must name positions among the 2"):
-        jaxaccum.plan_microbatches(grad_step, *shapes(), budget=2**30, batch_argnums=2)
+        jaxaccum.inspect.plan_microbatches(grad_step, *shapes(), budget=2**30, batch_argnums=2)
     with pytest.raises(TypeError, match=r"ks must be a sequence of k values, e.g. ks=\(4,\)"):
-        jaxaccum.plan_microbatches(grad_step, *shapes(), budget=2**30, ks=4)
+        jaxaccum.inspect.plan_microbatches(grad_step, *shapes(), budget=2**30, ks=4)
     with pytest.raises(TypeError, match="make_step must be a function of k"):
-        jaxaccum.plan_microbatches(None, *shapes(), budget=2**30)
+        jaxaccum.inspect.plan_microbatches(None, *shapes(), budget=2**30)
 
 
 @pytest.mark.parametrize(
@@ -206,4 +210,6 @@ def test_bad_batch_argnums_and_make_step():
 )
 def test_bad_strategies_name_the_choices(strategies, error, match):
     with pytest.raises(error, match=match):
-        jaxaccum.plan_microbatches(grad_step, *shapes(), budget=2**30, strategies=strategies)
+        jaxaccum.inspect.plan_microbatches(
+            grad_step, *shapes(), budget=2**30, strategies=strategies
+        )

@@ -89,7 +89,7 @@ def test_collectives_on_one_device_are_empty():
     fn = jaxaccum.accumulate(
         jax.value_and_grad(mean_loss), 4, data_axis="data", mesh=one_device_mesh()
     )
-    report = jaxaccum.collectives(fn, init_params(), digits_batch(64))
+    report = jaxaccum.inspect.collectives(fn, init_params(), digits_batch(64))
     assert report.in_loop == ()
     assert "in loops: none" in str(report)
     assert jnp.ndim(report.counts().get("all-reduce", 0)) == 0
