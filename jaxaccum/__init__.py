@@ -2,6 +2,7 @@
 
 from jaxaccum import inspect as inspect
 from jaxaccum._accumulate import accumulate as accumulate
+from jaxaccum._engine import TrainStep as TrainStep
 from jaxaccum._loss_scale import DynamicLossScale as DynamicLossScale
 from jaxaccum._loss_scale import LossScaleState as LossScaleState
 from jaxaccum._multisteps import MultiStepsState as MultiStepsState
@@ -17,7 +18,6 @@ from jaxaccum._split import pad_batch as pad_batch
 from jaxaccum._train import NonFinite as NonFinite
 from jaxaccum._train import TrainMetrics as TrainMetrics
 from jaxaccum._train import TrainState as TrainState
-from jaxaccum._train import TrainStep as TrainStep
 from jaxaccum._train import train_step as train_step
 
 __version__ = "0.1.0"

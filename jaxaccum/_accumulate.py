@@ -70,13 +70,13 @@ def accumulate(
     rng_argnames: str | Sequence[str] = (),
     weight_fn: Callable[..., Any] | None = None,
     reduce: Any = None,
-    split: Split = "strided",
+    split: Split | str = Split.STRIDED,
     accum_dtype: Any = jnp.float32,
     unroll: int | bool = 1,
     data_axis: DataAxis | None = None,
     mesh: jax.sharding.Mesh | None = None,
     axis_name: DataAxis | None = None,
-    fsdp: FSDP = "per_microbatch",
+    fsdp: FSDP | str = FSDP.PER_MICROBATCH,
     in_specs: Sequence[Any] | None = None,
     in_axes: int | Sequence[int] = 0,
     num_real_microbatches: int | jax.Array | None = None,
@@ -106,8 +106,9 @@ def accumulate(
     Args:
       step_fn: the function to run per micro-batch, typically ``jax.value_and_grad(loss)``.
       k: the number of micro-batches (static). ``k == 1`` returns ``step_fn`` itself,
-        unless a ``STACK``/``CONCAT`` or user-defined reduction, ``num_real_microbatches``
-        or devices (``data_axis``, ``axis_name``) need the loop's bookkeeping.
+        unless a ``STACK``/``CONCAT`` or user-defined reduction, ``num_real_microbatches``,
+        devices (``data_axis``, ``axis_name``) or keys (``rng_argnums``: micro-batch 0
+        gets ``fold_in(key, 0)`` for every k) need the loop's bookkeeping.
       batch_argnums: positions of the batch argument(s); default 1 (``step_fn(params,
         batch)``), or none when ``batch_argnames`` is given.
       batch_argnames: names of batch arguments passed by keyword.
@@ -292,7 +293,7 @@ def accumulate(
     axes = _checks.check_in_axes(in_axes, len(roles["batch"]))
     num_real = _checks.check_num_real(num_real_microbatches, k)
     plain = all(r is None or _reduce.is_builtin(r, *_reduce.PER_STEP) for r in spec)
-    if k == 1 and plain and dp is None and num_real is None:
+    if k == 1 and plain and dp is None and num_real is None and not roles["rng"]:
         return step_fn
     run = functools.partial(
         _run,

@@ -3,23 +3,30 @@
 from __future__ import annotations
 
 import math
-from typing import Literal, get_args
 
 import jax
 
-ScalingRule = Literal["linear", "sqrt", "none"]
-"""How the learning rate follows the effective batch size.
+from jaxaccum import _options
 
-* ``"linear"``: ``lr * new / base``. The usual rule for SGD with momentum (Goyal et al.,
-  2017, "Accurate, Large Minibatch SGD"), which pairs it with a warm-up and finds it breaks
-  down past some batch size.
-* ``"sqrt"``: ``lr * sqrt(new / base)``. The usual starting point for Adam-like optimizers,
-  whose update size does not grow with the gradient's scale (Malladi et al., 2022, "On the
-  SDEs and Scaling Rules for Adaptive Gradient Algorithms").
-* ``"none"``: unchanged.
 
-These are heuristics to start a search from, not guarantees.
-"""
+class ScalingRule(_options.Option):
+    """How the learning rate follows the effective batch size (a member or its string).
+
+    These are heuristics to start a search from, not guarantees.
+
+    Attributes:
+      LINEAR: ``"linear"``: ``lr * new / base``. The usual rule for SGD with momentum
+        (Goyal et al., 2017, "Accurate, Large Minibatch SGD"), which pairs it with a
+        warm-up and finds it breaks down past some batch size.
+      SQRT: ``"sqrt"``: ``lr * sqrt(new / base)``. The usual starting point for Adam-like
+        optimizers, whose update size does not grow with the gradient's scale (Malladi et
+        al., 2022, "On the SDEs and Scaling Rules for Adaptive Gradient Algorithms").
+      NONE: ``"none"``: unchanged.
+    """
+
+    LINEAR = "linear"
+    SQRT = "sqrt"
+    NONE = "none"
 
 
 def _positive_int(value: object, name: str) -> int:
@@ -96,7 +103,7 @@ def accumulation_steps(
 
 
 def scale_learning_rate(
-    learning_rate: float, base_batch: int, new_batch: int, rule: ScalingRule
+    learning_rate: float, base_batch: int, new_batch: int, rule: ScalingRule | str
 ) -> float:
     """Rescales a learning rate tuned at ``base_batch`` for ``new_batch`` examples per update.
 
@@ -123,8 +130,7 @@ def scale_learning_rate(
       >>> jaxaccum.inspect.scale_learning_rate(1e-3, base_batch=256, new_batch=1024, rule="sqrt")
       0.002
     """
-    if rule not in get_args(ScalingRule):
-        raise ValueError(f"rule={rule!r} is not one of {get_args(ScalingRule)}.")
+    rule = ScalingRule.parse(rule, "rule")
     ratio = _positive_int(new_batch, "new_batch") / _positive_int(base_batch, "base_batch")
     factor = {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[rule]
     return learning_rate * factor

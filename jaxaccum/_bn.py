@@ -2,8 +2,33 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+
+from jaxaccum import _options
+
+
+class BatchNormMode(_options.Option):
+    """How BatchNorm running statistics are updated in a step (a member or its string).
+
+    Attributes:
+      SEQUENTIAL: ``"sequential"`` (default): micro-batch j normalises with its own
+        statistics and updates the running statistics, in order: k momentum updates per
+        step, as k consecutive calls of a hand-written loop (PyTorch's and T5X's behaviour
+        with accumulation).
+      EXACT: ``"exact"``: micro-batch j still normalises with its own statistics (in one
+        pass nothing else is possible), but the running statistics get **one** momentum
+        update per step, from the statistics of all k micro-batches merged exactly (count,
+        mean and sum of squares: the parallel-variance combination), which is what the
+        full batch would have computed. Needs equal micro-batch sizes; only the statistics
+        of ``flax.linen.BatchNorm`` / ``flax.nnx.BatchNorm`` can be merged this way.
+    """
+
+    SEQUENTIAL = "sequential"
+    EXACT = "exact"
 
 
 def merged_update(
@@ -30,3 +55,65 @@ def merged_update(
         second_moment = written / a + written_mean_sq / (a * a)
         stat = jnp.maximum(0.0, second_moment - mu * mu)
     return (momentum * old + a * stat).astype(old.dtype)
+
+
+Path = tuple[Any, ...]
+KeysOf = Callable[[Any], Path]
+
+
+def is_stat(keys: Path, momenta: Mapping[Path, float]) -> bool:
+    """Whether the leaf at ``keys`` is a running mean or variance of a known BatchNorm."""
+    return bool(keys) and keys[:-1] in momenta and keys[-1] in ("mean", "var")
+
+
+def moments(
+    tree: Any, momenta: Mapping[Path, float], keys_of: KeysOf
+) -> tuple[dict[Path, jax.Array], dict[Path, jax.Array]]:
+    """What one micro-batch wrote to each BatchNorm statistic (float32), and its square.
+
+    Averaged over the micro-batches, these are the ``written`` and ``written_mean_sq`` of
+    :func:`merged_update`.
+    """
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    first = {
+        keys_of(path): leaf.astype(jnp.float32)
+        for path, leaf in flat
+        if is_stat(keys_of(path), momenta)
+    }
+    return first, {keys: jnp.square(v) for keys, v in first.items()}
+
+
+def merge(
+    old: Any,
+    first: Mapping[Path, jax.Array],
+    second: Mapping[Path, jax.Array],
+    momenta: Mapping[Path, float],
+    keys_of: KeysOf,
+    *,
+    only_stats: str | None = None,
+) -> Any:
+    """One momentum update of every BatchNorm statistic in ``old`` from k merged micro-batches.
+
+    ``first`` and ``second`` are :func:`moments` averaged over the micro-batches. Leaves that
+    are not BatchNorm statistics are kept, or, with ``only_stats`` (the collection's name),
+    refused: they cannot be merged exactly.
+    """
+
+    def one(path: Any, leaf: Any) -> Any:
+        keys = keys_of(path)
+        if not is_stat(keys, momenta):
+            if only_stats is None:
+                return leaf
+            raise ValueError(
+                f"{only_stats}{jax.tree_util.keystr(path)} is not the running mean or variance "
+                "of a flax.linen.BatchNorm, so it cannot be merged exactly; choose "
+                "batch_norm='sequential' or give it another mode, e.g. "
+                f"collections={{{only_stats!r}: 'sequential'}}."
+            )
+        module, name = keys[:-1], keys[-1]
+        mean = (*module, "mean")
+        return merged_update(
+            leaf, first[keys], first[mean], second[mean], momenta[module], name == "mean"
+        )
+
+    return jax.tree_util.tree_map_with_path(one, old)

@@ -115,9 +115,6 @@ def check_opt_state(
 ) -> None:
     """Raises at trace time unless ``opt_state`` has the layout ``init(params)`` would give.
 
-    Tree structure and leaf shapes are compared (dtypes are not): a state made for another
-    optimizer, or for other params, fails here instead of deep inside Optax.
-
     Args:
       opt_state: the optimizer state the step was given.
       init: the optimizer's ``init``.
@@ -126,32 +123,41 @@ def check_opt_state(
         ``("state.opt_state", "optimizer.init(state.params)")``.
       fix: the sentence that tells how to build a matching state.
     """
+    check_layout(opt_state, jax.eval_shape(init, params), names, fix)
+
+
+def check_layout(actual: Any, expected: Any, names: tuple[str, str], fix: str) -> None:
+    """Raises unless ``actual`` has the tree structure and leaf shapes of ``expected``.
+
+    The one layout check of state against what its ``init`` would give (dtypes are not
+    compared): a state made for another optimizer, or for other params, fails here instead
+    of deep inside Optax. ``names`` says how the user reaches both, ``fix`` how to mend it.
+    """
     where, source = names
-    expected = jax.eval_shape(init, params)
     # PyTreeDef comes from jaxlib without annotations that mypy can resolve.
-    s_actual: Any = jax.tree.structure(opt_state)
+    s_actual: Any = jax.tree.structure(actual)
     s_expected: Any = jax.tree.structure(expected)
     if s_actual != s_expected:
-        kinds, want = _state_kinds(opt_state), _state_kinds(expected)
+        kinds, want = _state_kinds(actual), _state_kinds(expected)
         if kinds != want:
             differ = (
-                f"it holds the Optax states ({', '.join(kinds)}) but {source} gives "
+                f"it holds the Optax states ({', '.join(kinds)}) but {source} has "
                 f"({', '.join(want)})"
             )
         else:
             differ = (
-                f"it has the structure\n  {_short(str(s_actual))}\nbut {source} gives\n  "
-                f"{_short(str(s_expected))}\n" + _leaf_difference(opt_state, expected, names)
+                f"it has the structure\n  {_short(str(s_actual))}\nbut {source} has\n  "
+                f"{_short(str(s_expected))}\n" + _leaf_difference(actual, expected, names)
             )
         raise ValueError(f"{where} was made for another optimizer or other params: {differ}; {fix}")
     changed = [
         f"{path} has shape {np.shape(a)}, not {np.shape(e)}"
-        for path, a, e in _split.changed_leaves(opt_state, expected, where, dtypes=False)
+        for path, a, e in _split.changed_leaves(actual, expected, where, dtypes=False)
     ]
     if changed:
         more = f"; and {len(changed) - _SHOWN} more" if len(changed) > _SHOWN else ""
         raise ValueError(
-            f"{where} was made for params of other shapes than {source} gives: "
+            f"{where} was made for params of other shapes than {source}: "
             f"{'; '.join(changed[:_SHOWN])}{more}; {fix}"
         )
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxaccum import _reduce, _split
+from jaxaccum import _checks, _reduce
 from jaxaccum._checks import check_accum_dtype
 
 SCOPE = "jaxaccum.multi_steps"
@@ -184,28 +184,6 @@ def _zeros_acc(p: Any, accum: np.dtype | None) -> jax.Array:
     return jnp.zeros(jnp.shape(p), acc)
 
 
-def _check_layout(name: str, actual: Any, expected: Any, source: str) -> None:
-    """Raises if ``actual`` differs from ``expected`` in tree structure or leaf shapes."""
-    s_actual: Any = jax.tree.structure(actual)
-    s_expected: Any = jax.tree.structure(expected)
-    if s_actual != s_expected:
-        raise ValueError(
-            f"mismatched optimizer state: state.{name} has structure\n  {s_actual}\nbut "
-            f"{source} has\n  {s_expected}\nInitialise the state with the same inner "
-            "optimizer and params: multi_steps(optimizer, k).init(params)."
-        )
-    changed = [
-        f"{path}: {np.shape(a)} vs {np.shape(e)}"
-        for path, a, e in _split.changed_leaves(actual, expected, f"state.{name}", dtypes=False)
-    ]
-    if changed:
-        raise ValueError(
-            f"mismatched optimizer state: leaf shapes differ from {source}: "
-            + "; ".join(changed)
-            + ". Initialise the state from the params being trained."
-        )
-
-
 def _check_state(state: Any, inner: Any, like_params: Any, source: str) -> None:
     """Raises unless ``state`` is a MultiStepsState for ``inner`` and these params."""
     if isinstance(state, optax.MultiStepsState):
@@ -220,9 +198,18 @@ def _check_state(state: Any, inner: Any, like_params: Any, source: str) -> None:
             "state must be the MultiStepsState from multi_steps(optimizer, k).init(params), "
             f"got {type(state).__name__}."
         )
-    _check_layout("acc_grads", state.acc_grads, like_params, source)
-    expected = jax.eval_shape(inner.init, like_params)
-    _check_layout("inner_opt_state", state.inner_opt_state, expected, "optimizer.init(params)")
+    fix = (
+        "initialise the state with the same inner optimizer and params: "
+        "multi_steps(optimizer, k).init(params)."
+    )
+    _checks.check_layout(state.acc_grads, like_params, ("state.acc_grads", source), fix)
+    _checks.check_opt_state(
+        state.inner_opt_state,
+        inner.init,
+        like_params,
+        ("state.inner_opt_state", "optimizer.init(params)"),
+        fix,
+    )
 
 
 def _close(

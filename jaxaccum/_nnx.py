@@ -6,33 +6,23 @@ Reached as ``jaxaccum.flax.nnx_train_step``; the linen pieces live in ``jaxaccum
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal, get_args
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
-from jaxaccum import _bn, _checks
-from jaxaccum._accumulate import accumulate
+from jaxaccum import _bn, _checks, _engine
+from jaxaccum._bn import BatchNormMode
+from jaxaccum._engine import NonFinite, TrainMetrics, TrainStep
 from jaxaccum._reduce import Reduce
 from jaxaccum._sharding import FSDP, DataAxis
 from jaxaccum._split import Split
-from jaxaccum._train import (
-    NonFinite,
-    TrainMetrics,
-    finish_step,
-    micro_outputs,
-    micro_spec,
-    micro_weight,
-)
 
-__all__ = ["nnx_train_step"]
-
-Path = tuple[Any, ...]
+__all__ = ["BatchNormMode", "nnx_train_step"]
 
 
-def _keys(path: Any) -> Path:
+def _keys(path: Any) -> _bn.Path:
     """A state leaf's path as plain keys, without the trailing ``.value``."""
     return tuple(p.key for p in path if isinstance(p, jax.tree_util.DictKey))
 
@@ -41,7 +31,7 @@ def _is_key(x: Any) -> bool:
     return jnp.issubdtype(jnp.result_type(x), jax.dtypes.prng_key)
 
 
-def _batch_norms(model: nnx.Module, exact: bool) -> dict[Path, float]:
+def _batch_norms(model: nnx.Module, exact: bool) -> dict[_bn.Path, float]:
     """The momentum of every ``nnx.BatchNorm`` in ``model``, by its path (exact mode only)."""
     if not exact:
         return {}
@@ -77,66 +67,17 @@ def _reseed(rest: Any, key: jax.Array | None) -> Any:
     return jax.tree.unflatten(treedef, out)
 
 
-def _merge_exact(rest: Any, first: Any, second: Any, momenta: dict[Path, float]) -> Any:
-    """One momentum update per BatchNorm from the exactly merged micro-batch statistics.
-
-    Given zero running statistics, BatchNorm writes ``(1 - m) * stat_j``; ``first`` is the
-    mean of that over the micro-batches and ``second`` the mean of its square. With equal
-    micro-batch sizes the whole batch's mean is the mean of the means and its variance
-    ``E_j[var_j + mean_j^2] - mean^2``.
-    """
-
-    def merge(path: Any, old: Any) -> Any:
-        keys = _keys(path)
-        if not _is_bn(keys, momenta):
-            return old
-        module, name = keys[:-1], keys[-1]
-        mean = (*module, "mean")
-        return _bn.merged_update(
-            old, first[keys], first[mean], second[mean], momenta[module], name == "mean"
-        )
-
-    return jax.tree_util.tree_map_with_path(merge, rest)
-
-
 def _split_model(model: nnx.Module, wrt: Any) -> tuple[Any, Any, Any]:
     """``(graphdef, trained, rest)``: the variables ``wrt`` selects, and everything else."""
     parts: Any = nnx.split(model, wrt, ...)
     return parts[0], parts[1], parts[2]
 
 
-def _is_bn(keys: Path, momenta: dict[Path, float]) -> bool:
-    return bool(keys) and keys[:-1] in momenta and keys[-1] in ("mean", "var")
-
-
-def _bn_stats(rest: Any, momenta: dict[Path, float]) -> dict[Path, jax.Array]:
-    """The running mean and variance of every BatchNorm in ``momenta``, by leaf path."""
-    flat = jax.tree_util.tree_flatten_with_path(rest)[0]
-    return {_keys(path): leaf for path, leaf in flat if _is_bn(_keys(path), momenta)}
-
-
-def _zero_bn(rest: Any, momenta: dict[Path, float]) -> Any:
+def _zero_bn(rest: Any, momenta: dict[_bn.Path, float]) -> Any:
     def zero(path: Any, leaf: Any) -> Any:
-        return jnp.zeros_like(leaf) if _is_bn(_keys(path), momenta) else leaf
+        return jnp.zeros_like(leaf) if _bn.is_stat(_keys(path), momenta) else leaf
 
     return jax.tree_util.tree_map_with_path(zero, rest)
-
-
-def _check_args(loss_fn: Any, weight_fn: Any, batch_norm: Any, nonfinite: Any) -> None:
-    _checks.check_functions(loss_fn, weight_fn, "loss_fn(model, micro_batch)")
-    if batch_norm not in ("sequential", "exact"):
-        raise ValueError(
-            f"batch_norm={batch_norm!r} is not one of ('sequential', 'exact'); use "
-            "'sequential' (k running-statistics updates per step) or 'exact' (one, merged)."
-        )
-    if nonfinite not in get_args(NonFinite):
-        raise ValueError(f"nonfinite={nonfinite!r} is not one of {get_args(NonFinite)}.")
-    if batch_norm == "exact" and nonfinite == "drop":
-        raise ValueError(
-            "nonfinite='drop' cannot be combined with batch_norm='exact' (a dropped "
-            "micro-batch would still count in the merged statistics); use nonfinite='skip' "
-            "or batch_norm='sequential'."
-        )
 
 
 def _check_objects(model: Any, optimizer: Any) -> None:
@@ -148,7 +89,8 @@ def _check_objects(model: Any, optimizer: Any) -> None:
     if not isinstance(optimizer, nnx.Optimizer):
         raise TypeError(
             f"optimizer must be a flax.nnx.Optimizer, got {type(optimizer).__name__}; build "
-            "it with nnx.Optimizer(model, optax_transform, wrt=nnx.Param)."
+            "it with nnx.Optimizer(model, optax_transform, wrt=nnx.Param), or step.init(model, "
+            "optax_transform)."
         )
 
 
@@ -156,18 +98,18 @@ def nnx_train_step(
     loss_fn: Callable[..., Any],
     k: int,
     *,
-    batch_norm: Literal["sequential", "exact"] = "sequential",
+    batch_norm: BatchNormMode | str = BatchNormMode.SEQUENTIAL,
     weight_fn: Callable[[Any], Any] | None = None,
     has_aux: bool = False,
-    nonfinite: NonFinite = "skip",
-    split: Split = "strided",
+    nonfinite: NonFinite | str = NonFinite.SKIP,
+    split: Split | str = Split.STRIDED,
     unroll: int | bool = 1,
     data_axis: DataAxis | None = None,
     mesh: jax.sharding.Mesh | None = None,
     axis_name: DataAxis | None = None,
-    fsdp: FSDP = "per_microbatch",
+    fsdp: FSDP | str = FSDP.PER_MICROBATCH,
     param_specs: Any = None,
-) -> Callable[..., TrainMetrics]:
+) -> TrainStep:
     """Builds an NNX train step: k micro-batches, then one optimizer update, in one call.
 
     The step works on the objects an NNX training loop already has, and updates them in
@@ -220,21 +162,26 @@ def nnx_train_step(
         carries no placement, so pass it there to keep FSDP params sharded.
 
     Returns:
-      ``update(model, optimizer, batch, key=None) -> TrainMetrics``. It updates ``model``
-      and ``optimizer`` in place; wrap it in ``nnx.jit`` (it also runs eagerly).
+      A :class:`jaxaccum.TrainStep` ``(init, update)``, callable as ``update``.
+
+      ``init(model, tx, wrt=nnx.Param)`` builds the ``nnx.Optimizer`` of ``model`` with a
+      ``skipped`` counter (an ``nnx.OptState``); an optimizer built by hand works too.
+
+      ``update(model, optimizer, batch, key=None) -> TrainMetrics`` updates ``model`` and
+      ``optimizer`` in place, as ``optimizer.update(model, grads)`` does; wrap it in
+      ``nnx.jit`` (it also runs eagerly).
 
       ``key`` (optional): with a key, every PRNG key in the model's state (its
       ``nnx.Rngs`` streams, e.g. ``dropout``) is replaced, for micro-batch ``j`` of step
       ``t = optimizer.step``, by ``fold_in(fold_in(fold_in(key, t), j), i)`` for the i-th
-      key in state order (with ``k=1``, ``fold_in(fold_in(key, t), i)``: no micro-batch
-      fold), and restored afterwards: the same key and state reproduce a
-      step bitwise, and every micro-batch and step draws fresh masks. Without a key the
-      model's own streams are used, their counters carried from micro-batch to
-      micro-batch like any other state.
+      key in state order (the key scheme of every jaxaccum train step, for every k
+      including 1), and restored afterwards: the same key and state reproduce a step
+      bitwise, and every micro-batch and step draws fresh masks. Without a key the model's
+      own streams are used, their counters carried from micro-batch to micro-batch like
+      any other state.
 
       Skipped updates: ``metrics.applied`` is False; if the optimizer has a ``skipped``
-      ``nnx.Variable`` (``optimizer.skipped = nnx.OptState(jnp.zeros((), jnp.int32))``), it
-      is incremented.
+      ``nnx.Variable`` (as ``init`` gives it), it is incremented.
 
     Raises:
       ValueError: for a bad ``k``, ``batch_norm`` or ``nonfinite`` at once; at trace time,
@@ -257,112 +204,112 @@ def nnx_train_step(
       ...         self.linear = nnx.Linear(2, 1, rngs=rngs)
       ...     def __call__(self, x):
       ...         return self.linear(self.norm(x))[:, 0]
-      >>> model = Net(nnx.Rngs(0))
-      >>> optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
       >>> def loss_fn(model, mb):
       ...     return jnp.mean((model(mb["x"]) - mb["y"]) ** 2)
-      >>> step = nnx.jit(jaxaccum.flax.nnx_train_step(loss_fn, k=4, batch_norm="exact"))
+      >>> step = jaxaccum.flax.nnx_train_step(loss_fn, k=4, batch_norm="exact")
+      >>> model = Net(nnx.Rngs(0))
+      >>> optimizer = step.init(model, optax.sgd(0.1))
+      >>> update = nnx.jit(step.update)
       >>> x, y = jnp.arange(32.0).reshape(16, 2), jnp.arange(16.0)
-      >>> metrics = step(model, optimizer, {"x": x, "y": y})
-      >>> int(optimizer.step[...]), bool(metrics.applied), metrics.losses.shape
-      (1, True, (4,))
+      >>> metrics = update(model, optimizer, {"x": x, "y": y})
+      >>> int(optimizer.step[...]), int(optimizer.skipped[...]), bool(metrics.applied)
+      (1, 0, True)
       >>> # one momentum update (0.99) from the whole batch's mean, 15, 16:
       >>> [round(float(m), 4) for m in model.norm.mean[...]]
       [0.15, 0.16]
     """
-    k = _checks.check_k(k)
-    _check_args(loss_fn, weight_fn, batch_norm, nonfinite)
-    exact = batch_norm == "exact"
+    engine = _engine.configure(
+        loss_fn,
+        "loss_fn(model, micro_batch)",
+        k,
+        weight_fn=weight_fn,
+        has_aux=has_aux,
+        nonfinite=nonfinite,
+        split=split,
+        unroll=unroll,
+        data_axis=data_axis,
+        mesh=mesh,
+        axis_name=axis_name,
+        fsdp=fsdp,
+        param_specs=param_specs,
+    )
+    exact = BatchNormMode.parse(batch_norm, "batch_norm") == BatchNormMode.EXACT
+    if exact and engine.nonfinite == NonFinite.DROP:
+        raise ValueError(
+            "nonfinite='drop' cannot be combined with batch_norm='exact' (a dropped "
+            "micro-batch would still count in the merged statistics); use nonfinite='skip' "
+            "or batch_norm='sequential'."
+        )
+
+    def init(model: nnx.Module, tx: Any, wrt: Any = nnx.Param) -> nnx.Optimizer[Any]:
+        optimizer = nnx.Optimizer(model, tx, wrt=wrt)
+        # A counter the step increments on every skipped update.
+        optimizer.skipped = nnx.OptState(jnp.zeros((), jnp.int32))  # type: ignore[attr-defined]
+        return optimizer
 
     def update(
         model: nnx.Module, optimizer: nnx.Optimizer[Any], batch: Any, key: jax.Array | None = None
     ) -> TrainMetrics:
         _check_objects(model, optimizer)
         momenta = _batch_norms(model, exact)
-        wrt = optimizer.wrt
-        graphdef, params, rest = _split_model(model, wrt)
+        graphdef, params, rest = _split_model(model, optimizer.wrt)
+        params, rest = nnx.as_pure(params), nnx.as_pure(rest)
         _checks.check_opt_state(
             nnx.as_pure(optimizer.opt_state),
             optimizer.tx.init,
-            nnx.as_pure(params),
+            params,
             ("optimizer.opt_state", "optimizer.tx.init(params)"),
             "build the optimizer for this model and the variables it trains: "
             "nnx.Optimizer(model, tx, wrt=nnx.Param).",
         )
+        if key is not None:
+            _checks.check_key(key, "key")
 
-        def micro(p: Any, batch: Any, rest: Any, *key: jax.Array) -> tuple[dict[str, Any], Any]:
-            given = _reseed(_zero_bn(rest, momenta), key[0] if key else None)
+        def forward(p: Any, batch: Any, rest: Any, consts: Any, key: Any) -> tuple[Any, Any]:
+            given = _reseed(_zero_bn(rest, momenta), key)
+            # Copied: variables created in this trace may be updated by the model.
+            model = nnx.merge(graphdef, p, given, copy=True)
+            return loss_fn(model, batch), nnx.as_pure(_split_model(model, optimizer.wrt)[2])
 
-            def loss_of(p: Any) -> tuple[jax.Array, Any]:
-                # Copied: variables created in this trace may be updated by the model.
-                model = nnx.merge(graphdef, p, given, copy=True)
-                loss, aux = _checks.split_loss(loss_fn(model, batch), has_aux)
-                return loss, (aux, _split_model(model, wrt)[2])
-
-            (loss, (aux, new)), grads = jax.value_and_grad(loss_of, has_aux=True)(p)
-            w = micro_weight(weight_fn, batch)
-            outputs, counted = micro_outputs(loss, aux, grads, w, nonfinite)
-            stats = {q: v.astype(jnp.float32) for q, v in _bn_stats(new, momenta).items()}
-            outputs["stats"] = (stats, {q: jnp.square(v) for q, v in stats.items()})
-
+        def after(new: Any, rest: Any, consts: Any, counted: jax.Array) -> tuple[Any, Any]:
             def carry(path: Any, n: Any, o: Any) -> Any:
                 # Keys go back to the model's own; BatchNorm statistics merged at the end
                 # (exact mode) keep the step's value until then.
-                if _is_key(o) or _is_bn(_keys(path), momenta):
+                if _is_key(o) or _bn.is_stat(_keys(path), momenta):
                     return o
                 return jnp.where(counted, n, o)
 
-            return outputs, jax.tree_util.tree_map_with_path(carry, new, rest)
+            stats = _bn.moments(new, momenta, _keys)
+            return stats, jax.tree_util.tree_map_with_path(carry, new, rest)
 
-        keys: tuple[jax.Array, ...] = ()
-        if key is not None:
-            _checks.check_key(key, "key")
-            keys = (jax.random.fold_in(key, optimizer.step[...]),)
-        accumulated = accumulate(
-            micro,
-            k,
-            batch_argnums=1,
-            carry_argnums=2,
-            rng_argnums=3 if keys else (),
-            reduce=micro_spec(has_aux) | {"stats": Reduce.MEAN},
-            split=split,
-            unroll=unroll,
-            data_axis=data_axis,
-            mesh=mesh,
-            axis_name=axis_name,
-            fsdp=fsdp,
-            in_specs=None if param_specs is None else (param_specs,),
-        )
-        out, final_rest = accumulated(params, batch, rest, *keys)
-        result = finish_step(out, jnp.float32(1.0), params, nonfinite, has_aux)
-        if exact:
-            first, second = out["stats"]
-            final_rest = _merge_exact(final_rest, first, second, momenta)
-        tx = optimizer.tx
+        def finish(stats: Any, rest: Any) -> Any:
+            first, second = stats
+            return _bn.merge(rest, first, second, momenta, _keys) if exact else rest
 
-        def do_update(operands: Any) -> Any:
-            p, o, _, step = operands
-            updates, o = tx.update(nnx.as_pure(result.grads), o, p)
-            return optax.apply_updates(p, updates), o, nnx.as_pure(final_rest), step + 1
-
-        def skip_update(operands: Any) -> Any:
-            return operands
-
-        operands = (
-            nnx.as_pure(params),
-            nnx.as_pure(optimizer.opt_state),
-            nnx.as_pure(rest),
-            optimizer.step[...],
-        )
-        new_params, new_opt, new_rest, new_step = jax.lax.cond(
-            result.metrics.applied, do_update, skip_update, operands
-        )
-        nnx.update(model, new_params, new_rest)
-        nnx.update(optimizer.opt_state, nnx.state(new_opt))
-        optimizer.step[...] = new_step
         skipped = getattr(optimizer, "skipped", None)
-        if isinstance(skipped, nnx.Variable):
-            skipped[...] += (~result.metrics.applied).astype(skipped[...].dtype)
-        return result.metrics
+        core = _engine.Core(
+            params,
+            nnx.as_pure(optimizer.opt_state),
+            optimizer.step[...],
+            skipped[...] if isinstance(skipped, nnx.Variable) else None,
+            rest,
+        )
+        core, metrics = _engine.run(
+            engine,
+            optimizer.tx,
+            core,
+            batch,
+            forward,
+            key=key,
+            after=after,
+            reduce=Reduce.MEAN,
+            finish=finish,
+        )
+        nnx.update(model, core.params, core.carry)
+        nnx.update(optimizer.opt_state, nnx.state(core.opt_state))
+        optimizer.step[...] = core.step
+        if isinstance(skipped, nnx.Variable) and core.skipped is not None:
+            skipped[...] = core.skipped
+        return metrics
 
-    return update
+    return TrainStep(init=init, update=update)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, get_args
+from typing import Any
 
 import jax
 import numpy as np
@@ -364,8 +364,7 @@ def _check_strategies(strategies: Any) -> list[FSDP | None]:
     if isinstance(strategies, str):
         raise TypeError(f"strategies must be a sequence, e.g. ({strategies!r},).")
     chosen = list(strategies)
-    valid = get_args(FSDP)
-    bad = [s for s in chosen if s not in valid]
-    if not chosen or bad:
+    valid = tuple(member.value for member in FSDP)
+    if not chosen or any(s not in valid for s in chosen):
         raise ValueError(f"strategies must hold one or more of {valid}, got {strategies!r}.")
-    return chosen
+    return [FSDP(s) for s in chosen]

@@ -10,7 +10,6 @@ written in the same protocol users get.
 from __future__ import annotations
 
 import dataclasses
-import enum
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -18,10 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxaccum import _layouts
+from jaxaccum import _layouts, _options
 
 
-class Reduce(enum.Enum):
+class Reduce(_options.Option):
     """How one output leaf is combined over the k micro-batches.
 
     Attributes:

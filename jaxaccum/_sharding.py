@@ -5,32 +5,40 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Any, Literal, get_args
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
+from jaxaccum import _options
+
 DataAxis = str | Sequence[str]
 """A mesh axis name, or several, over which the batch's leading axis is sharded."""
 
-FSDP = Literal["per_microbatch", "gather_once"]
-"""How parameters sharded over the data axis (FSDP) are handled by ``data_axis=``.
 
-* ``"per_microbatch"`` (default): inside the loop each micro-batch gathers the parameters
-  where they are used and reduce-scatters its gradient into a float32 accumulator that
-  stays sharded; no device holds a full gradient or accumulator across micro-batches.
-  k all-gathers and k reduce-scatters per step, all inside the loop. Per-device memory
-  falls with k; the choice when the model state dominates memory.
-* ``"gather_once"``: the parameters are gathered once before the loop, every device
-  accumulates a full float32 gradient locally and one reduce-scatter after the loop
-  leaves it sharded. One all-gather and one reduce-scatter per step (the fewest bytes
-  moved), but a full copy of the parameters and of the accumulator per device; the
-  choice when activations dominate memory.
+class FSDP(_options.Option):
+    """How parameters sharded over the data axis (FSDP) are handled by ``data_axis=``.
 
-Either way the gradient comes back in the parameters' sharding.
-"""
+    Either way the gradient comes back in the parameters' sharding.
+
+    Attributes:
+      PER_MICROBATCH: ``"per_microbatch"`` (default): inside the loop each micro-batch
+        gathers the parameters where they are used and reduce-scatters its gradient into a
+        float32 accumulator that stays sharded; no device holds a full gradient or
+        accumulator across micro-batches. k all-gathers and k reduce-scatters per step, all
+        inside the loop. Per-device memory falls with k; the choice when the model state
+        dominates memory.
+      GATHER_ONCE: ``"gather_once"``: the parameters are gathered once before the loop,
+        every device accumulates a full float32 gradient locally and one reduce-scatter
+        after the loop leaves it sharded. One all-gather and one reduce-scatter per step
+        (the fewest bytes moved), but a full copy of the parameters and of the accumulator
+        per device; the choice when activations dominate memory.
+    """
+
+    PER_MICROBATCH = "per_microbatch"
+    GATHER_ONCE = "gather_once"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +53,7 @@ class DataParallel:
     axes: tuple[str, ...]
     mesh: Any  # jax.sharding.Mesh | AbstractMesh | None (then the context mesh)
     bound: bool = False
-    fsdp: FSDP = "per_microbatch"
+    fsdp: FSDP = FSDP.PER_MICROBATCH
     in_specs: Any = None
 
     @property
@@ -100,8 +108,7 @@ def data_parallel(
 
     Returns None when there is no data parallelism.
     """
-    if fsdp not in get_args(FSDP):
-        raise ValueError(f"fsdp={fsdp!r} is not one of {get_args(FSDP)}.")
+    fsdp = FSDP.parse(fsdp, "fsdp")
     if data_axis is not None and axis_name is not None:
         raise ValueError(
             "give data_axis= (jaxaccum runs its own shard_map over the mesh) or axis_name= "

@@ -2,31 +2,35 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, get_args
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxaccum import _layouts
+from jaxaccum import _layouts, _options
 
-Split = Literal["strided", "contiguous", "presplit"]
-"""How a batch of N examples becomes k micro-batches.
 
-* ``"strided"`` (default): micro-batch ``j`` holds examples ``j, j+k, j+2k, ...``.
-  A batch sharded over devices along its leading axis stays local to each device.
-* ``"contiguous"``: micro-batch ``j`` holds examples ``j*N/k ... (j+1)*N/k - 1``.
-* ``"presplit"``: every leaf already has a leading axis of size k; micro-batch ``j`` is
-  ``leaf[j]``.
-"""
+class Split(_options.Option):
+    """How a batch of N examples becomes k micro-batches (a member or its string).
 
-SPLITS: tuple[str, ...] = get_args(Split)
+    Attributes:
+      STRIDED: ``"strided"`` (default): micro-batch ``j`` holds examples ``j, j+k, j+2k,
+        ...``. A batch sharded over devices along its leading axis stays local to each
+        device.
+      CONTIGUOUS: ``"contiguous"``: micro-batch ``j`` holds examples ``j*N/k ...
+        (j+1)*N/k - 1``.
+      PRESPLIT: ``"presplit"``: every leaf already has a leading axis of size k;
+        micro-batch ``j`` is ``leaf[j]``.
+    """
+
+    STRIDED = "strided"
+    CONTIGUOUS = "contiguous"
+    PRESPLIT = "presplit"
 
 
 def check_split(split: Any) -> Split:
-    if split not in SPLITS:
-        raise ValueError(f"split={split!r} is not one of {SPLITS}.")
-    return split
+    return Split.parse(split, "split")
 
 
 def divisors(n: int) -> list[int]:

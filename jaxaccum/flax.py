@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal, get_args
+from typing import Any
 
 import flax.errors
 import flax.linen as nn
@@ -18,20 +17,13 @@ import jax.numpy as jnp
 from flax import struct
 from flax.training import train_state
 
-from jaxaccum import _bn, _checks, _split
-from jaxaccum._accumulate import accumulate
+from jaxaccum import _bn, _checks, _engine, _options, _split
+from jaxaccum._bn import BatchNormMode
+from jaxaccum._engine import NonFinite, TrainMetrics, TrainStep
 from jaxaccum._nnx import nnx_train_step as nnx_train_step
 from jaxaccum._reduce import Reduce
 from jaxaccum._sharding import FSDP, DataAxis
 from jaxaccum._split import Split
-from jaxaccum._train import (
-    NonFinite,
-    TrainMetrics,
-    finish_step,
-    micro_outputs,
-    micro_spec,
-    micro_weight,
-)
 
 __all__ = [
     "BatchNormMode",
@@ -41,37 +33,40 @@ __all__ = [
     "train_step",
 ]
 
-BatchNormMode = Literal["sequential", "exact"]
-"""How ``batch_stats`` (Flax BatchNorm running statistics) are updated in a step.
 
-* ``"sequential"`` (default): micro-batch j normalises with its own statistics and updates
-  the running statistics, in order: k momentum updates per step, as k consecutive
-  ``apply(..., mutable=["batch_stats"])`` calls of a hand-written loop (PyTorch's and
-  T5X's behaviour with accumulation).
-* ``"exact"``: micro-batch j still normalises with its own statistics (in one pass nothing
-  else is possible), but the running statistics get **one** momentum update per step, from
-  the statistics of all k micro-batches merged exactly (count, mean and sum of squares:
-  the parallel-variance combination), which is what the full batch would have computed.
-  Only ``flax.linen.BatchNorm`` statistics can be merged this way.
-"""
+class CollectionMode(_options.Option):
+    """How a mutable collection is combined over the k micro-batches of a step.
 
-CollectionMode = Literal["sequential", "exact", "mean", "sum", "max", "last"]
-"""How a mutable collection is combined over the k micro-batches of a step.
+    A member or its string.
 
-* ``"sequential"``: carried through the loop; micro-batch j+1 sees micro-batch j's value.
-* ``"exact"``: BatchNorm statistics merged exactly, one update per step (``batch_stats``).
-* ``"mean"``, ``"sum"``, ``"max"``, ``"last"``: every micro-batch starts from the step's
-  value, and the k values it produces are averaged (in float32), summed, maximised, or the
-  last kept. For counters (``"sum"`` of increments is not what you want: a counter that adds
-  1 per call gives ``k * (old + 1)``; carry it with ``"sequential"``), ``intermediates``
-  (``"last"`` or ``"mean"``) or amax histories (``"max"``).
-"""
+    Attributes:
+      SEQUENTIAL: ``"sequential"``: carried through the loop; micro-batch j+1 sees
+        micro-batch j's value (and a second ``apply`` call in one micro-batch sees the
+        first's).
+      EXACT: ``"exact"``: BatchNorm statistics merged exactly, one update per step
+        (``batch_stats``; see :class:`BatchNormMode`).
+      MEAN: ``"mean"``: every micro-batch starts from the step's value and the k values
+        it produces are averaged (in float32), e.g. ``intermediates``.
+      SUM: ``"sum"``: as MEAN, summed. Not for counters: a counter that adds 1 per call
+        gives ``k * (old + 1)``; carry it with SEQUENTIAL.
+      MAX: ``"max"``: as MEAN, the elementwise maximum (amax histories).
+      LAST: ``"last"``: as MEAN, the last micro-batch's value.
+    """
 
-_REDUCE: dict[str, Reduce] = {
-    "mean": Reduce.MEAN,
-    "sum": Reduce.SUM,
-    "max": Reduce.MAX,
-    "last": Reduce.LAST,
+    SEQUENTIAL = "sequential"
+    EXACT = "exact"
+    MEAN = "mean"
+    SUM = "sum"
+    MAX = "max"
+    LAST = "last"
+
+
+_REDUCE = {
+    CollectionMode.EXACT: Reduce.MEAN,
+    CollectionMode.MEAN: Reduce.MEAN,
+    CollectionMode.SUM: Reduce.SUM,
+    CollectionMode.MAX: Reduce.MAX,
+    CollectionMode.LAST: Reduce.LAST,
 }
 
 
@@ -135,7 +130,7 @@ class TrainState(train_state.TrainState):
 
 def _modes(
     names: Sequence[str], batch_norm: BatchNormMode, collections: Mapping[str, CollectionMode]
-) -> dict[str, str]:
+) -> dict[str, CollectionMode]:
     unknown = sorted(set(collections) - set(names))
     if unknown:
         raise ValueError(
@@ -144,45 +139,12 @@ def _modes(
             "jaxaccum.flax.TrainState.from_variables(model.apply, model.init(key, x), tx)."
         )
     return {
-        name: collections.get(name, batch_norm if name == "batch_stats" else "sequential")
+        name: collections.get(
+            name,
+            CollectionMode(batch_norm) if name == "batch_stats" else CollectionMode.SEQUENTIAL,
+        )
         for name in names
     }
-
-
-def _merge_exact(
-    name: str, old: Any, first: Any, second: Any, momenta: Mapping[tuple[str, ...], float]
-) -> Any:
-    """One momentum update from the exactly merged statistics of the k micro-batches.
-
-    Given zero running statistics, BatchNorm writes ``(1 - m) * stat_j`` for micro-batch j;
-    ``first`` is the mean of that over the micro-batches and ``second`` the mean of its
-    square. With equal micro-batch sizes, the whole batch's mean is the mean of the means,
-    and its variance is E_j[var_j + mean_j^2] - mean^2.
-    """
-    flat, treedef = jax.tree_util.tree_flatten_with_path(old)
-    keyed = {
-        tuple(str(getattr(p, "key", p)) for p in path): (leaf, f, s)
-        for (path, leaf), f, s in zip(
-            flat, jax.tree.leaves(first), jax.tree.leaves(second), strict=True
-        )
-    }
-    merged = []
-    for path, _ in flat:
-        keys = tuple(str(getattr(p, "key", p)) for p in path)
-        module, leaf_name = keys[:-1], keys[-1]
-        if module not in momenta or leaf_name not in ("mean", "var"):
-            raise ValueError(
-                f"{name}{jax.tree_util.keystr(path)} is not the running mean or variance of a "
-                "flax.linen.BatchNorm, so it cannot be merged exactly; choose "
-                "batch_norm='sequential' or give it another mode, e.g. "
-                f"collections={{{name!r}: 'sequential'}}."
-            )
-        old_leaf, f, _ = keyed[keys]
-        _, f_mean, s_mean = keyed[(*module, "mean")]
-        merged.append(
-            _bn.merged_update(old_leaf, f, f_mean, s_mean, momenta[module], leaf_name == "mean")
-        )
-    return jax.tree.unflatten(treedef, merged)
 
 
 def _takes_params(loss_fn: Callable[..., Any]) -> bool:
@@ -193,39 +155,6 @@ def _takes_params(loss_fn: Callable[..., Any]) -> bool:
         return False
     param = parameters.get("params")
     return param is not None and param.kind != inspect.Parameter.POSITIONAL_ONLY
-
-
-_UNBOUND = re.compile(r"unbound axis name: ([^\s.]+)")
-
-
-def _bind_unbound_axes(fn: Callable[..., Any], args: tuple[Any, ...], devices: Any) -> Any:
-    """``fn(*args)``; on one device, axis names the model reduces over are bound (size 1).
-
-    A Flax model written for ``pmap`` (``BatchNorm(axis_name="batch")``, as in Flax's
-    ImageNet example) averages its statistics over that axis. Called without the axis bound
-    (one device, no ``pmap``, no ``axis_name=``), the step binds it with a size-1
-    ``jax.vmap``, over which a mean is the value itself: the single-device result.
-    """
-    bound: list[str] = []
-    while True:
-        try:
-            call = fn
-            for name in bound:
-                call = _size_one_axis(call, name)
-            return call(*args)
-        except NameError as err:
-            found = _UNBOUND.search(str(err))
-            if devices is not None or found is None or found.group(1) in bound:
-                raise
-            bound.append(found.group(1))
-
-
-def _size_one_axis(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
-    def run(*args: Any) -> Any:
-        out = jax.vmap(lambda *a: fn(*a), in_axes=None, axis_size=1, axis_name=name)(*args)
-        return jax.tree.map(lambda x: x[0], out)
-
-    return run
 
 
 def _teaching(err: Exception, names: Sequence[str]) -> Exception:
@@ -256,20 +185,20 @@ def train_step(
     loss_fn: Callable[..., Any],
     k: int,
     *,
-    batch_norm: BatchNormMode = "sequential",
-    collections: Mapping[str, CollectionMode] | None = None,
+    batch_norm: BatchNormMode | str = BatchNormMode.SEQUENTIAL,
+    collections: Mapping[str, CollectionMode | str] | None = None,
     rngs: Sequence[str] = ("dropout",),
     weight_fn: Callable[[Any], Any] | None = None,
     has_aux: bool = False,
-    nonfinite: NonFinite = "skip",
-    split: Split = "strided",
+    nonfinite: NonFinite | str = NonFinite.SKIP,
+    split: Split | str = Split.STRIDED,
     unroll: int | bool = 1,
     data_axis: DataAxis | None = None,
     mesh: jax.sharding.Mesh | None = None,
     axis_name: DataAxis | None = None,
-    fsdp: FSDP = "per_microbatch",
+    fsdp: FSDP | str = FSDP.PER_MICROBATCH,
     param_specs: Any = None,
-) -> Callable[[Any, Any], tuple[Any, TrainMetrics]]:
+) -> TrainStep:
     """Builds a Flax train step: k micro-batches, then one ``apply_gradients``, in one call.
 
     Args:
@@ -315,9 +244,18 @@ def train_step(
         carries no placement, so pass it there to keep FSDP params sharded.
 
     Returns:
+      A :class:`jaxaccum.TrainStep` ``(init, update)``, callable as ``update``.
+
+      ``init(apply_fn, variables, tx, key=None)`` is :meth:`TrainState.from_variables`.
+
       ``update(state, batch) -> (state, TrainMetrics)``, to be jitted (donate the state).
-      ``state`` is a :class:`TrainState` or a plain ``flax.training.train_state.TrainState``
-      (no collections, no key).
+      ``state`` is a :class:`TrainState`, Flax's own
+      ``flax.training.train_state.TrainState``, or a subclass of it that keeps collections
+      in fields of their names (``batch_stats: Any``, the flax/examples pattern); those
+      fields are read and written back. With ``rngs``, a state with a ``key`` field gives
+      micro-batch ``j`` of step ``t`` the stream keys ``fold_in(fold_in(fold_in(key, t),
+      j), i)``, the i-th name in ``rngs`` taking ``i``; a second ``apply`` call in the
+      same micro-batch folds in its call index once more.
 
       Donating the state deletes the arrays it was built from: ``TrainState.create`` and
       :meth:`TrainState.from_variables` keep the params they are given without a copy.
@@ -357,175 +295,206 @@ def train_step(
       >>> [round(float(m), 4) for m in new.collections["batch_stats"]["BatchNorm_0"]["mean"]]
       [0.15, 0.16]
     """
-    k = _checks.check_k(k)
-    _checks.check_functions(loss_fn, weight_fn, "loss_fn(apply, micro_batch)")
+    engine = _engine.configure(
+        loss_fn,
+        "loss_fn(apply, micro_batch)",
+        k,
+        weight_fn=weight_fn,
+        has_aux=has_aux,
+        nonfinite=nonfinite,
+        split=split,
+        unroll=unroll,
+        data_axis=data_axis,
+        mesh=mesh,
+        axis_name=axis_name,
+        fsdp=fsdp,
+        param_specs=param_specs,
+    )
     wants_params = _takes_params(loss_fn)
-    if batch_norm not in get_args(BatchNormMode):
-        raise ValueError(f"batch_norm={batch_norm!r} is not one of {get_args(BatchNormMode)}.")
-    modes_given = dict(collections or {})
-    for name, mode in modes_given.items():
-        if mode not in get_args(CollectionMode):
-            raise ValueError(
-                f"collections[{name!r}]={mode!r} is not one of {get_args(CollectionMode)}."
-            )
-    if nonfinite not in get_args(NonFinite):
-        raise ValueError(f"nonfinite={nonfinite!r} is not one of {get_args(NonFinite)}.")
+    bn_mode = BatchNormMode.parse(batch_norm, "batch_norm")
+    modes_given = {
+        name: CollectionMode.parse(mode, f"collections[{name!r}]")
+        for name, mode in dict(collections or {}).items()
+    }
     rng_names = tuple(rngs)
+
+    def init(
+        apply_fn: Callable[..., Any],
+        variables: Mapping[str, Any],
+        tx: Any,
+        key: jax.Array | None = None,
+    ) -> TrainState:
+        return TrainState.from_variables(apply_fn, variables, tx, key=key)
 
     def update(state: Any, batch: Any) -> tuple[Any, TrainMetrics]:
         _check_state(state)
         cols, with_collections = _collections_of(state)
-        modes = _modes(list(cols), batch_norm, modes_given)
-        if nonfinite == "drop" and any(m != "sequential" for m in modes.values()):
-            raise ValueError(
-                f"nonfinite='drop' works with sequential collections only, got modes {modes}; "
-                "use nonfinite='skip' or carry every collection with 'sequential'."
-            )
-        carried = {n: v for n, v in cols.items() if modes[n] == "sequential"}
-        given = {
-            n: jax.tree.map(jnp.zeros_like, v) if modes[n] == "exact" else v
-            for n, v in cols.items()
-            if modes[n] != "sequential"
-        }
-        names = list(carried) + list(given)
-        base_key = getattr(state, "key", None)
-        momenta: dict[tuple[str, ...], float] = {}
-
-        def record(next_fun: Any, args: Any, kwargs: Any, context: Any) -> Any:
-            if isinstance(context.module, nn.BatchNorm) and context.method_name == "__call__":
-                momenta[tuple(context.module.path)] = float(context.module.momentum)
-            return next_fun(*args, **kwargs)
-
-        def micro(params: Any, batch: Any, seq: Any, fixed: Any, *key: jax.Array) -> Any:
-            streams = {n: jax.random.fold_in(key[0], i) for i, n in enumerate(rng_names) if key}
-            box: dict[str, Any] = {}
-
-            def loss_of(p: Any) -> tuple[jax.Array, Any]:
-                def apply(*args: Any, **kwargs: Any) -> Any:
-                    if "mutable" in kwargs or "rngs" in kwargs:
-                        raise TypeError(
-                            "apply(...) passes mutable= and rngs= itself (from the state's "
-                            "collections and the train step's rngs); call it without them."
-                        )
-                    calls = box.get("calls", 0)
-                    box["calls"] = calls + 1
-                    if calls and names and fixed:
-                        raise ValueError(
-                            f"loss_fn called apply {calls + 1} times in one micro-batch, but "
-                            f"the collections {sorted(fixed)} (modes "
-                            f"{ {n: modes[n] for n in sorted(fixed)} }) are combined from one "
-                            "update per micro-batch, so a second update would be lost; call "
-                            "apply once per micro-batch (concatenate the inputs), or carry "
-                            "them with collections={name: 'sequential'}, which threads every "
-                            "call's updates into the next."
-                        )
-                    # A later call sees the collections as the earlier calls left them.
-                    current = {**seq, **box.get("new", {})}
-                    variables = {"params": p, **current, **fixed}
-                    rngs = {n: jax.random.fold_in(r, calls) for n, r in streams.items()}
-                    extra = {"rngs": rngs if calls else streams} if key else {}
-                    with nn.intercept_methods(record):
-                        if not names:
-                            return state.apply_fn(variables, *args, **extra, **kwargs)
-                        out, new = state.apply_fn(
-                            variables, *args, mutable=names, **extra, **kwargs
-                        )
-                    box["new"] = {**box.get("new", {}), **dict(new)}
-                    return out
-
-                try:
-                    out = loss_fn(apply, batch, **({"params": p} if wants_params else {}))
-                except (
-                    flax.errors.ModifyScopeVariableError,
-                    flax.errors.ScopeCollectionNotFound,
-                ) as err:
-                    raise _teaching(err, names) from err
-                except flax.errors.InvalidRngError as err:
-                    raise TypeError(
-                        f"the model asked for a PRNG stream the step did not give it ({err}). "
-                        f"The step passes rngs={list(rng_names)} from the state's key: build the "
-                        "state with a key, TrainState.from_variables(model.apply, variables, tx, "
-                        "key=jax.random.key(0)), and name every stream the model uses in "
-                        "train_step(..., rngs=('dropout', ...))."
-                    ) from err
-                if names and "new" not in box:
-                    raise TypeError(
-                        "loss_fn never called `apply`, so the collections "
-                        f"{names} were not updated; compute the model's output with "
-                        "apply(x, ...) inside loss_fn."
-                    )
-                loss, aux = _checks.split_loss(out, has_aux)
-                return loss, (aux, box.get("new", {}))
-
-            (loss, (aux, new)), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
-            outputs, counted = micro_outputs(
-                loss, aux, grads, micro_weight(weight_fn, batch), nonfinite
-            )
-            new_seq = {}
-            for n, old in seq.items():
-                value = new.get(n, old)
-                _check_same_layout(n, value, old)
-                new_seq[n] = jax.tree.map(lambda a, b: jnp.where(counted, a, b), value, old)
-            reduced = {}
-            for n, old in fixed.items():
-                value = new.get(n, old)
-                _check_same_layout(n, value, old)
-                if modes[n] == "exact":
-                    means = jax.tree.map(lambda v: v.astype(jnp.float32), value)
-                    reduced[n] = (means, jax.tree.map(jnp.square, means))
-                else:
-                    reduced[n] = value
-            return {**outputs, "collections": reduced}, new_seq
-
-        spec = micro_spec(has_aux) | {
-            "collections": {
-                n: Reduce.MEAN if modes[n] == "exact" else _REDUCE[modes[n]] for n in given
-            }
-        }
-        accumulated = accumulate(
-            micro,
-            k,
-            batch_argnums=1,
-            carry_argnums=2,
-            rng_argnums=4 if rng_names and base_key is not None else (),
-            reduce=spec,
-            split=split,
-            unroll=unroll,
-            data_axis=data_axis,
-            mesh=mesh,
-            axis_name=axis_name,
-            fsdp=fsdp,
-            in_specs=None if param_specs is None else (param_specs,),
+        model = _Model(
+            state.apply_fn,
+            loss_fn,
+            wants_params,
+            _modes(list(cols), bn_mode, modes_given),
+            rng_names,
         )
-        keys: tuple[jax.Array, ...] = ()
-        if base_key is not None and rng_names:
-            keys = (jax.random.fold_in(base_key, state.step),)
-        args = (state.params, batch, carried, given, *keys)
-        out, final_seq = _bind_unbound_axes(accumulated, args, data_axis or axis_name)
-        result = finish_step(out, jnp.float32(1.0), state.params, nonfinite, has_aux)
-        new_cols = dict(final_seq)
-        for n in given:
-            if modes[n] == "exact":
-                first, second = out["collections"][n]
-                new_cols[n] = _merge_exact(n, cols[n], first, second, momenta)
-            else:
-                new_cols[n] = jax.tree.map(
-                    lambda v, o: v.astype(jnp.asarray(o).dtype), out["collections"][n], cols[n]
-                )
+        if engine.nonfinite == NonFinite.DROP and model.fixed:
+            raise ValueError(
+                f"nonfinite='drop' works with sequential collections only, got modes "
+                f"{model.modes}; use nonfinite='skip' or carry every collection with "
+                "'sequential'."
+            )
+        skipped = getattr(state, "skipped", None)
+        core = _engine.Core(
+            state.params,
+            state.opt_state,
+            state.step,
+            None if skipped is None else jnp.asarray(skipped, jnp.int32),
+            cols,
+        )
+        core, metrics = _engine.run(
+            engine,
+            state.tx,
+            core,
+            batch,
+            model.forward,
+            key=getattr(state, "key", None) if rng_names else None,
+            consts=model.given(cols),
+            after=model.after,
+            reduce={n: _REDUCE[model.modes[n]] for n in model.fixed},
+            finish=model.finish,
+        )
+        new_state = state.replace(step=core.step, params=core.params, opt_state=core.opt_state)
+        if skipped is not None:
+            new_state = new_state.replace(skipped=core.skipped)
+        return with_collections(new_state, core.carry), metrics
 
-        def do_update(state: Any) -> Any:
-            state = state.apply_gradients(grads=result.grads)
-            return with_collections(state, new_cols)
+    return TrainStep(init=init, update=update)
 
-        def skip_update(state: Any) -> Any:
-            if hasattr(state, "skipped"):
-                return state.replace(skipped=state.skipped + 1)
-            return state
 
-        new_state = jax.lax.cond(result.metrics.applied, do_update, skip_update, state)
-        return new_state, result.metrics
+class _Model:
+    """A linen model inside the engine's micro-batch loop, for one traced step.
 
-    return update
+    Sequential collections travel as the engine's carry; the others (``fixed``) start each
+    micro-batch from the step's value (exact BatchNorm statistics from zero, so what the
+    layer writes is its statistic) and are reduced over the micro-batches. The momentum of
+    every ``nn.BatchNorm`` called is recorded for the exact merge.
+    """
+
+    def __init__(
+        self,
+        apply_fn: Callable[..., Any],
+        loss_fn: Callable[..., Any],
+        wants_params: bool,
+        modes: dict[str, CollectionMode],
+        rng_names: tuple[str, ...],
+    ) -> None:
+        self.apply_fn, self.loss_fn, self.wants_params = apply_fn, loss_fn, wants_params
+        self.modes, self.rng_names = modes, rng_names
+        self.names = list(modes)
+        self.fixed = [n for n in modes if modes[n] != CollectionMode.SEQUENTIAL]
+        self.momenta: dict[tuple[str, ...], float] = {}
+
+    def given(self, cols: dict[str, Any]) -> dict[str, Any]:
+        exact = lambda n: self.modes[n] == CollectionMode.EXACT  # noqa: E731
+        return {
+            n: jax.tree.map(jnp.zeros_like, cols[n]) if exact(n) else cols[n] for n in self.fixed
+        }
+
+    def _record(self, next_fun: Any, args: Any, kwargs: Any, context: Any) -> Any:
+        if isinstance(context.module, nn.BatchNorm) and context.method_name == "__call__":
+            self.momenta[tuple(context.module.path)] = float(context.module.momentum)
+        return next_fun(*args, **kwargs)
+
+    def forward(self, p: Any, batch: Any, carry: Any, fixed: Any, key: Any) -> tuple[Any, Any]:
+        """The user's loss on one micro-batch, and the collections its ``apply`` calls left."""
+        streams = {} if key is None else _engine.stream_keys(key, self.rng_names)
+        calls: list[dict[str, Any]] = []
+
+        def apply(*args: Any, **kwargs: Any) -> Any:
+            self._check_call(kwargs, len(calls), fixed)
+            # A later call sees the collections as the earlier calls left them.
+            current = {n: carry[n] for n in self.names if n not in fixed}
+            variables = {"params": p, **current, **(calls[-1] if calls else {}), **fixed}
+            rngs = {n: jax.random.fold_in(r, len(calls)) for n, r in streams.items()}
+            extra = {"rngs": rngs if calls else streams} if streams else {}
+            with nn.intercept_methods(self._record):
+                if not self.names:
+                    calls.append({})
+                    return self.apply_fn(variables, *args, **extra, **kwargs)
+                out, new = self.apply_fn(variables, *args, mutable=self.names, **extra, **kwargs)
+            calls.append({**(calls[-1] if calls else {}), **dict(new)})
+            return out
+
+        try:
+            out = self.loss_fn(apply, batch, **({"params": p} if self.wants_params else {}))
+        except (flax.errors.ModifyScopeVariableError, flax.errors.ScopeCollectionNotFound) as err:
+            raise _teaching(err, self.names) from err
+        except flax.errors.InvalidRngError as err:
+            raise TypeError(
+                f"the model asked for a PRNG stream the step did not give it ({err}). "
+                f"The step passes rngs={list(self.rng_names)} from the state's key: build the "
+                "state with a key, TrainState.from_variables(model.apply, variables, tx, "
+                "key=jax.random.key(0)), and name every stream the model uses in "
+                "train_step(..., rngs=('dropout', ...))."
+            ) from err
+        if self.names and not calls:
+            raise TypeError(
+                f"loss_fn never called `apply`, so the collections {self.names} were not "
+                "updated; compute the model's output with apply(x, ...) inside loss_fn."
+            )
+        return out, calls[-1] if calls else {}
+
+    def _check_call(self, kwargs: dict[str, Any], calls: int, fixed: Any) -> None:
+        if "mutable" in kwargs or "rngs" in kwargs:
+            raise TypeError(
+                "apply(...) passes mutable= and rngs= itself (from the state's "
+                "collections and the train step's rngs); call it without them."
+            )
+        if calls and fixed:
+            raise ValueError(
+                f"loss_fn called apply {calls + 1} times in one micro-batch, but the "
+                f"collections {sorted(fixed)} (modes "
+                f"{ {n: str(self.modes[n]) for n in sorted(fixed)} }) are combined from one "
+                "update per micro-batch, so a second update would be lost; call apply once "
+                "per micro-batch (concatenate the inputs), or carry them with "
+                "collections={name: 'sequential'}, which threads every call's updates into "
+                "the next."
+            )
+
+    def after(self, new: Any, carry: Any, fixed: Any, counted: jax.Array) -> tuple[Any, Any]:
+        """Sequential collections move on (a dropped micro-batch leaves them); the others'
+        values are what gets reduced."""
+        for n in self.names:
+            _check_same_layout(n, new.get(n, carry[n]), carry[n])
+        moved = {
+            n: jax.tree.map(lambda a, b: jnp.where(counted, a, b), new.get(n, v), v)
+            if n not in fixed
+            else v
+            for n, v in carry.items()
+        }
+        reduced = {
+            n: _bn.moments(new.get(n, v), self.momenta, _linen_keys)
+            if self.modes[n] == CollectionMode.EXACT
+            else new.get(n, v)
+            for n, v in fixed.items()
+        }
+        return reduced, moved
+
+    def finish(self, reduced: Any, carry: Any) -> Any:
+        """Every collection after the step: merged, reduced or carried."""
+
+        def one(n: str, v: Any) -> Any:
+            if n not in self.fixed:
+                return v
+            if self.modes[n] == CollectionMode.EXACT:
+                first, second = reduced[n]
+                return _bn.merge(v, first, second, self.momenta, _linen_keys, only_stats=n)
+            return jax.tree.map(lambda r, o: r.astype(jnp.asarray(o).dtype), reduced[n], v)
+
+        return {n: one(n, v) for n, v in carry.items()}
+
+
+def _linen_keys(path: Any) -> tuple[str, ...]:
+    return tuple(str(getattr(p, "key", p)) for p in path)
 
 
 _FLAX_FIELDS = {f.name for f in dataclasses.fields(train_state.TrainState)}

@@ -107,7 +107,7 @@ def test_optax_state_from_another_optimizer():
     adam = jaxaccum.train_step(mean_loss, optax.adam(1e-3), K)
     msg = (
         r"state\.opt_state was made for another optimizer or other params: it holds the Optax "
-        r"states \(EmptyState, EmptyState\) but optimizer\.init\(state\.params\) gives "
+        r"states \(EmptyState, EmptyState\) but optimizer\.init\(state\.params\) has "
         r"\(ScaleByAdamState, EmptyState\); create the state with this step's own init, "
         r"step\.init\(params\)"
     )
@@ -124,7 +124,7 @@ def test_optax_state_for_other_params_lists_the_leaves():
     state = step.init(init_params())._replace(opt_state=optax.adam(1e-3).init(init_params(16)))
     msg = (
         r"state\.opt_state was made for params of other shapes than optimizer\.init\(state\."
-        r"params\) gives: state\.opt_state\[0\]\.mu\['params'\]\['Dense_0'\]\['bias'\] has "
+        r"params\): state\.opt_state\[0\]\.mu\['params'\]\['Dense_0'\]\['bias'\] has "
         r"shape \(16,\), not \(32,\);.*; and 1 more; create the state"
     )
     with pytest.raises(ValueError, match=msg):
@@ -137,7 +137,7 @@ def test_optax_state_for_a_params_tree_of_another_structure():
     state = state._replace(opt_state=optax.adam(1e-3).init({"mlp": init_params(), "scale": 1.0}))
     msg = (
         r"(?s)state\.opt_state was made for another optimizer or other params: it has the "
-        r"structure\n  PyTreeDef.*'scale'.*\nbut optimizer\.init\(state\.params\) gives\n  "
+        r"structure\n  PyTreeDef.*'scale'.*\nbut optimizer\.init\(state\.params\) has\n  "
         r"PyTreeDef.*\nonly state\.opt_state has state\.opt_state\[0\]\.mu\['scale'\], "
         r"state\.opt_state\[0\]\.nu\['scale'\]; create the state with this step's own init"
     )
@@ -151,7 +151,7 @@ def test_linen_state_with_a_replaced_tx():
     update = jax.jit(jf.train_step(lambda apply, mb: xent(apply(mb["x"]), mb), K))
     msg = (
         r"state\.opt_state was made for another optimizer or other params: it holds the Optax "
-        r"states \(EmptyState, EmptyState\) but state\.tx\.init\(state\.params\) gives "
+        r"states \(EmptyState, EmptyState\) but state\.tx\.init\(state\.params\) has "
         r"\(ScaleByAdamState, EmptyState\);.*"
         r"state\.replace\(tx=tx, opt_state=tx\.init\(state\.params\)\)"
     )
@@ -168,7 +168,7 @@ def test_nnx_optimizer_built_for_another_model():
     step = jf.nnx_train_step(lambda m, mb: xent(m(mb["x"]), mb), K)
     msg = (
         r"optimizer\.opt_state was made for params of other shapes than optimizer\.tx\.init"
-        r"\(params\) gives: optimizer\.opt_state\[0\]\.mu\['bias'\] has shape \(5,\), not "
+        r"\(params\): optimizer\.opt_state\[0\]\.mu\['bias'\] has shape \(5,\), not "
         r"\(10,\);.*build the optimizer for this model and the variables it trains: "
         r"nnx\.Optimizer\(model, tx, wrt=nnx\.Param\)\."
     )
