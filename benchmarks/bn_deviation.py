@@ -1,4 +1,4 @@
-"""Per-layer deviation of BatchNorm running statistics from the full-batch step.
+"""Mode ``batchnorm``: per-layer deviation of BatchNorm running statistics from the full batch.
 
 A CNN with BatchNorm after the input and after each of three convolutions takes one
 training step on 256 of scikit-learn's digits, as one full batch and as k micro-batches
@@ -9,24 +9,23 @@ step's, and the same relative to the largest running value of that layer.
 The first layer sees the raw input, so exact merging reproduces it to round-off. Deeper
 layers see activations computed with each micro-batch's own normalisation, which differ
 from the full batch's; that difference, not the merging, is what remains.
-
-Run ``python benchmarks/bn_deviation.py`` (seconds).
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+import json
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from sklearn.datasets import load_digits
 
 import jaxaccum.flax as jf
+from benchmarks import UsageError
+from benchmarks.common import print_machine
 
 
 class CNN(nn.Module):
@@ -46,12 +45,18 @@ def loss_fn(apply: Any, mb: dict[str, jax.Array]) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, mb["y"]).mean()
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, tuple[float, float]]]:
-    """Prints and returns ``{mode: {layer: (max abs deviation, relative deviation)}}``."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--k", type=int, default=8)
-    args = parser.parse_args(argv)
+def run(args: argparse.Namespace) -> dict[str, dict[str, tuple[float, float]]]:
+    """Prints the machine and the table (and writes it to ``args.json`` if given).
+
+    Returns:
+      ``{mode: {layer: (max abs deviation, deviation relative to the layer's max)}}``.
+
+    Raises:
+      UsageError: for a batch outside 1-1797 (the digits) or not divisible by k.
+    """
+    if not 1 <= args.batch <= 1797 or args.k < 1 or args.batch % args.k:
+        raise UsageError(f"--batch must be in 1-1797 and divisible by --k, got {args.batch}")
+    machine = print_machine({"batch": args.batch, "k": args.k})
     x, y = load_digits(return_X_y=True)
     batch = {
         "x": jnp.asarray((x[: args.batch] / 16.0).reshape(-1, 8, 8, 1), jnp.float32),
@@ -76,9 +81,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, tuple[float, 
             rel = max(d_mean, d_var) / scale
             report[mode][layer] = (max(d_mean, d_var), rel)
             print(f"| {mode} | {layer} | {d_mean:.1e} | {d_var:.1e} | {rel:.1e} |")
+    if args.json:
+        record = {"machine": machine, "settings": {"batch": args.batch, "k": args.k}}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(record | {"layers": report}, indent=1) + "\n")
+        print(f"\nwrote {args.json}")
     return report
-
-
-if __name__ == "__main__":
-    np.set_printoptions(precision=3)
-    main()

@@ -1,16 +1,24 @@
-"""What every benchmark script shares: the machine record, methods, checks and timing."""
+"""What every benchmark mode shares: the machine record, methods, checks and timing.
+
+Also the child process for the modes that need 8 devices: XLA:CPU fixes its device count
+when the backend starts, so a mode that finds fewer devices runs itself again in a child
+started with ``--xla_force_host_platform_device_count=8`` and reads the JSON it prints.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import gc
 import importlib.metadata
+import json
 import os
 import pathlib
 import platform
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +26,7 @@ import numpy as np
 import optax
 
 import jaxaccum
+from benchmarks import UsageError
 
 
 def cpu_model() -> str:
@@ -31,8 +40,11 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]  # the folder holding benchmarks/
+
+
 def machine_info() -> dict[str, Any]:
-    """Platform, CPU, core count and library versions, for the record."""
+    """Platform, CPU, core count, backend and library versions, for the record."""
     return {
         "platform": platform.platform(),
         "python": platform.python_version(),
@@ -41,8 +53,99 @@ def machine_info() -> dict[str, Any]:
         "jax": jax.__version__,
         "jaxlib": importlib.metadata.version("jaxlib"),
         "optax": optax.__version__,
+        "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
     }
+
+
+def print_machine(settings: dict[str, Any]) -> dict[str, Any]:
+    """Prints the machine record and the settings; returns the record."""
+    machine = machine_info()
+    print("\n".join(f"{key}: {value}" for key, value in machine.items()))
+    print(f"settings: {settings}\n", flush=True)
+    return machine
+
+
+def load_average() -> list[float]:
+    """The 1, 5 and 15 minute load averages, rounded: how busy the machine was."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def parse_ks(text: str) -> list[int]:
+    """``"1,2,4"`` -> ``[1, 2, 4]``.
+
+    Raises:
+      UsageError: for anything but comma-separated positive integers.
+    """
+    try:
+        ks = [int(k) for k in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--ks must be comma-separated integers, got {text!r}") from None
+    if not ks or min(ks) < 1:
+        raise UsageError(f"every k in --ks must be >= 1, got {text!r}")
+    return ks
+
+
+def run_sharded(
+    args: Any,
+    devices: int,
+    collect: Callable[[list[int], int], dict[str, Any]],
+    table: Callable[[dict[str, Any]], str],
+) -> dict[str, Any]:
+    """What the 8-device modes do with ``--ks``, ``--batch`` and ``--json``.
+
+    Checks that ``devices`` × k divides the batch, collects the result (in this process or
+    a child, see :func:`json_from_child`), then prints it as JSON only (``--json -``, what a
+    child does) or prints the counting process's machine and the table, and writes the
+    JSON to ``--json`` if given.
+
+    Raises:
+      UsageError: for bad ``--ks`` or a batch that ``devices`` × k does not divide.
+    """
+    ks = parse_ks(args.ks)
+    if bad := [k for k in ks if args.batch % (devices * k)]:
+        raise UsageError(f"--batch {args.batch} is not divisible by {devices} × k for k in {bad}")
+    result = collect(ks, args.batch)
+    if args.json == "-":
+        print(json.dumps(result))
+        return result
+    print("\n".join(f"{key}: {value}" for key, value in result["machine"].items()))
+    print(f"settings: {{'ks': {ks}, 'batch': {args.batch}}}\n")
+    print(table(result))
+    if args.json:
+        path = pathlib.Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"\nwrote {path}")
+    return result
+
+
+def json_from_child(mode: str, args: Sequence[str], devices: int, timeout: int) -> Any:
+    """Runs ``python -m benchmarks MODE --json - ARGS`` on ``devices`` CPU devices.
+
+    The child sees ``devices`` forced CPU devices (``JAX_PLATFORMS=cpu``, so on a GPU host
+    with fewer GPUs it counts the CPU's compiled programs) and prints its result as JSON.
+
+    Returns:
+      The child's result, parsed.
+
+    Raises:
+      RuntimeError: if the child fails, with the end of its output.
+    """
+    env = dict(os.environ)
+    flag = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flag).strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    cmd = [sys.executable, "-m", "benchmarks", mode, "--json", "-", *args]
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    if proc.returncode:
+        raise RuntimeError(
+            f"{' '.join(cmd[1:])} failed on {devices} devices:\n{proc.stdout[-4000:]}\n"
+            f"{proc.stderr[-4000:]}"
+        )
+    return json.loads(proc.stdout)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,13 +230,27 @@ def random_orders(n: int, reps: int, seed: int = 0) -> Iterator[list[int]]:
         yield [int(i) for i in rng.permutation(n)]
 
 
-def time_round_robin(
-    methods: Sequence[Method], reps: int, warmup: int, seed: int = 0
-) -> dict[str, list[float]]:
-    """Seconds per effective step of each method, interleaved over repetitions.
+class Timed(Protocol):
+    """What :func:`time_round_robin` times: a named step, with untimed preparation."""
 
-    Every repetition runs all methods in a fresh random order (see :func:`random_orders`).
-    Garbage collection is paused while timing.
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def step(self) -> Callable[[], Any]: ...
+
+    @property
+    def prepare(self) -> Callable[[], None] | None: ...
+
+
+def time_round_robin(
+    methods: Sequence[Timed], reps: int, warmup: int, seed: int = 0
+) -> dict[str, list[float]]:
+    """Seconds per step of each method, interleaved over repetitions.
+
+    Every repetition runs all methods in a fresh random order (see :func:`random_orders`);
+    each method's ``prepare`` (if any) runs before its clock starts. Garbage collection is
+    paused while timing.
     """
     for method in methods:
         for _ in range(warmup):

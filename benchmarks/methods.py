@@ -1,9 +1,9 @@
 """Ways to get the gradient of one batch split into k micro-batches: jaxaccum and its peers.
 
-Every builder takes a :class:`~workloads.Workload` and k and returns a
-:class:`~common.Method` whose ``result()`` is ``((loss, grads), state)``: the mean loss over
-the N examples, its gradient, and the carried state after the last micro-batch (None for
-workloads without state). With state (the CNN's BatchNorm statistics), micro-batch j+1
+Every builder takes a :class:`~benchmarks.workloads.Workload` and k and returns a
+:class:`~benchmarks.common.Method` whose ``result()`` is ``((loss, grads), state)``: the mean
+loss over the N examples, its gradient, and the carried state after the last micro-batch
+(None for workloads without state). With state (the CNN's BatchNorm statistics), micro-batch j+1
 sees the state micro-batch j returned, except in ``optax.microbatch`` (see there).
 
 * ``full batch``: the gradient step on all N examples at once (the reference).
@@ -20,6 +20,9 @@ sees the state micro-batch j returned, except in ``optax.microbatch`` (see there
   ``batch.reshape(k, N // k, ...)``, summing in the carry and dividing at the end.
 * ``jaxaccum.accumulate unroll=u`` (not a peer): the same accumulation with the scan
   unrolled u times, to measure the unroll policy.
+* ``jaxaccum.train_step`` and ``jaxaccum.multi_steps`` (the ``builders`` mode, stateless
+  workloads): jaxaccum's training-side builders around ``optax.sgd(1.0)``, which also apply
+  the update; the gradient is read back as ``params - new_params``.
 
 Micro-batch j holds examples j, j+k, ... ("strided", as ``jaxaccum.accumulate`` and
 ``optax.microbatch`` split), except in the hand-written scan, whose reshape makes micro-batch
@@ -39,11 +42,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-# Sibling modules: the scripts in benchmarks/ put this folder on sys.path.
-from common import Method, compiled
-from workloads import Batch, Workload
-
 import jaxaccum
+from benchmarks.common import Method, compiled
+from benchmarks.workloads import Batch, Workload
 
 FULL = "full batch"
 JAXACCUM = "jaxaccum.accumulate"
@@ -229,6 +230,39 @@ def optax_multisteps(w: Workload, k: int) -> Method:
     """k calls of a jitted train step with ``optax.MultiSteps(optax.sgd(1.0), k)``."""
     opt = optax.MultiSteps(optax.sgd(1.0), every_k_schedule=k)
     return across_calls(MULTISTEPS, opt, w, k)
+
+
+def jaxaccum_multi_steps(w: Workload, k: int) -> Method:
+    """k calls of a jitted train step with ``jaxaccum.multi_steps(optax.sgd(1.0), k)``."""
+    opt = jaxaccum.multi_steps(optax.sgd(1.0), every_k_schedule=k)
+    return across_calls("jaxaccum.multi_steps", opt, w, k)
+
+
+def jaxaccum_train_step(w: Workload, k: int) -> Method:
+    """``jaxaccum.train_step(loss, optax.sgd(1.0), k).update``, jitted with the state donated.
+
+    k micro-batches and one SGD update in one call (stateless workloads only); fresh
+    copies of the state are made before the clock starts. The gradient is read back as
+    ``params - new_params``.
+    """
+    built = jaxaccum.train_step(w.loss, optax.sgd(1.0), k)
+    state0 = built.init(w.params)
+    fn, memory, compile_s, _ = compiled(built.update, state0, w.batch, donate_argnums=0)
+    fresh: list[Any] = []
+
+    def prepare() -> None:
+        fresh[:] = [jax.block_until_ready(jax.tree.map(jnp.copy, state0))]
+
+    def step() -> tuple[jaxaccum.TrainState, jaxaccum.TrainMetrics]:
+        if not fresh:
+            prepare()
+        return fn(fresh.pop(), w.batch)
+
+    def result() -> Any:
+        state, metrics = step()
+        return (metrics.loss, jax.tree.map(jnp.subtract, w.params, state.params)), None
+
+    return Method("jaxaccum.train_step", step, result, memory, compile_s, prepare)
 
 
 def build_all(w: Workload, k: int, full: Method) -> list[Method]:

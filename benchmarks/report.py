@@ -1,4 +1,4 @@
-"""What the benchmark suite writes besides its JSON: Markdown tables and PNG plots."""
+"""What the ``suite`` mode writes besides its JSON: Markdown tables and PNG plots."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import collectives
 import matplotlib.pyplot as plt  # after choosing the backend
+
+from benchmarks import comm_counts
 
 MiB = 2**20
 
@@ -100,8 +101,9 @@ def markdown(report: dict[str, Any]) -> str:
     parts = [
         "# Gradient accumulation suite",
         "",
-        f"{machine['platform']}; {machine['cpu']}, {machine['cores']} cores; devices "
-        f"{', '.join(machine['devices'])}; jax {machine['jax']}, jaxlib {machine['jaxlib']}, "
+        f"{machine['platform']}; {machine['cpu']}, {machine['cores']} cores; backend "
+        f"{machine.get('backend', 'not recorded')}, devices {', '.join(machine['devices'])}; "
+        f"jax {machine['jax']}, jaxlib {machine['jaxlib']}, "
         f"optax {machine['optax']}. Mode {s['mode']}, {s['reps']} repetitions, "
         f"load average {report['loadavg_before']} before, {report['loadavg_after']} after.",
         "",
@@ -133,7 +135,7 @@ def markdown(report: dict[str, Any]) -> str:
             "",
             "Counted in the compiled HLO; an op inside the loop runs k times per step.",
             "",
-            collectives.markdown(report["collectives"]),
+            comm_counts.markdown(report["collectives"]),
         ]
     return "\n".join(parts) + "\n"
 

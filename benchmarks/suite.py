@@ -1,4 +1,4 @@
-"""Benchmark suite: jaxaccum against its peers on an MLP, a CNN with BatchNorm and a transformer.
+"""Mode ``suite``: jaxaccum against its peers on an MLP, a CNN with BatchNorm and a transformer.
 
 For each workload (see ``workloads.py``) and each k, six methods compute the gradient of the
 mean loss over the same N examples split into k micro-batches (see ``methods.py``): the full
@@ -16,7 +16,6 @@ temporaries, achieved FLOP/s (the full-batch step's FLOPs from XLA's cost analys
 step time) and, on a GPU with a known peak, MFU. A summary compares jaxaccum with the
 fastest peer at each k, paired repetition by repetition.
 
-Run ``python benchmarks/suite.py --quick`` (a few minutes on 2 CPU cores) or ``--full``.
 Writes ``suite.json``, ``suite.md``, ``time_ratio.png``, ``temp_memory.png`` and
 ``collectives.png`` to ``--out`` (default ``benchmarks/out/suite/``).
 """
@@ -27,9 +26,7 @@ import argparse
 import dataclasses
 import gc
 import json
-import os
 import pathlib
-import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -37,22 +34,31 @@ from typing import Any
 import jax
 import numpy as np
 
-# benchmarks/ holds scripts, not a package: make its shared modules importable.
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import collectives
-import methods as m
-import report
-import workloads
-from common import Method, machine_info, max_abs_diff, paired_ratios, time_round_robin
-from workloads import MODELS, Scale, Workload
+from benchmarks import UsageError, comm_counts, report, workloads
+from benchmarks import methods as m
+from benchmarks.common import (
+    Method,
+    load_average,
+    max_abs_diff,
+    paired_ratios,
+    parse_ks,
+    print_machine,
+    time_round_robin,
+)
+from benchmarks.workloads import MODELS, Scale, Workload
 
 COLLECTIVES_BATCH = 512
-DEFAULT_OUT = pathlib.Path(__file__).resolve().parent / "out" / "suite"
 TOLERANCE = 1e-4
-MODES: dict[str, dict[str, Any]] = {
-    "smoke": {"ks": (1, 2), "reps": 2, "warmup": 1, "unroll_k": 2},
-    "quick": {"ks": (1, 2, 4, 8), "reps": 20, "warmup": 1, "unroll_k": 8},
-    "full": {"ks": (1, 2, 4, 8, 16, 32), "reps": 30, "warmup": 2, "unroll_k": 8},
+SCALES: dict[str, dict[str, Any]] = {
+    "smoke": {"ks": (1, 2), "reps": 2, "warmup": 1, "unroll_k": 2, "compile_repeats": 1},
+    "quick": {"ks": (1, 2, 4, 8), "reps": 20, "warmup": 1, "unroll_k": 8, "compile_repeats": 3},
+    "full": {
+        "ks": (1, 2, 4, 8, 16, 32),
+        "reps": 30,
+        "warmup": 2,
+        "unroll_k": 8,
+        "compile_repeats": 3,
+    },
 }
 # Dense peak FLOP/s of one device (NVIDIA datasheets), matched as a substring of
 # ``device_kind``, most specific first. H200 has the H100 SXM's compute.
@@ -80,6 +86,8 @@ class Settings:
         :func:`collectives_section`).
       unroll_k: the k at which ``jaxaccum.accumulate`` is also timed with its scan
         unrolled (``unroll`` = 2, 4, ... up to k), or None.
+      compile_repeats: fresh compilations of jaxaccum's step per k whose median is its
+        compile time (3; 1 in smoke mode).
     """
 
     mode: Scale
@@ -91,6 +99,7 @@ class Settings:
     tolerance: float = TOLERANCE
     collectives: bool = True
     unroll_k: int | None = None
+    compile_repeats: int = 3
 
 
 def peak_flops() -> tuple[float | None, str | None]:
@@ -133,7 +142,7 @@ def check(methods: Sequence[Method], w: Workload, k: int, tol: float) -> dict[st
     for name, ((loss, grads), state) in results.items():
         ref_name, ((ref_loss, ref_grads), ref_state) = refs[name]
         carried = None if w.state is None or name == m.FULL else name not in m.AVERAGED_STATE
-        c = {
+        c: dict[str, Any] = {
             "reference": ref_name,
             "loss_abs_diff": abs(float(loss) - float(ref_loss)),
             "grad_max_abs_diff": max_abs_diff(grads, ref_grads),
@@ -158,7 +167,7 @@ def run_k(
     if k == s.unroll_k:
         methods += [m.jaxaccum_unrolled(w, k, u) for u in unrolls(k)]
     checks = check(methods, w, k, s.tolerance)
-    compile_s = m.compile_seconds(w, k)  # jaxaccum's, median of 3 (the compile-time claim)
+    compile_s = m.compile_seconds(w, k, s.compile_repeats)  # jaxaccum's, median of fresh ones
     times = time_round_robin(methods, s.reps, s.warmup)
     rows = []
     for method in methods:
@@ -287,10 +296,10 @@ def unroll_summary(rows: Sequence[dict[str, Any]], k: int | None) -> list[dict[s
 def collectives_section(s: Settings) -> list[dict[str, Any]]:
     """Collectives of each method's compiled program per k, inside and outside loops.
 
-    Runs ``benchmarks/collectives.py`` (in a child process started with
-    ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` unless this one already has 8
-    devices): the MLP's gradient over a batch of 512 sharded over a data axis of 8 devices,
-    counted with ``jaxaccum.inspect.collectives``. ``--no-collectives`` skips it.
+    What the ``collectives`` mode counts (``comm_counts.py``, in a child process started
+    with ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` unless this one already has
+    8 devices): the MLP's gradient over a batch of 512 sharded over a data axis of 8
+    devices, counted with ``jaxaccum.inspect.collectives``. ``--no-collectives`` skips it.
 
     Args:
       s: the suite's settings (the ks to cover).
@@ -301,38 +310,21 @@ def collectives_section(s: Settings) -> list[dict[str, Any]]:
       ``per_step`` counts what runs per step (an op in the loop runs k times).
     """
     ks = [k for k in s.ks if COLLECTIVES_BATCH % (8 * k) == 0]
-    return list(collectives.collect(ks, COLLECTIVES_BATCH)["rows"])
+    return list(comm_counts.collect(ks, COLLECTIVES_BATCH)["rows"])
 
 
-def parse_args(argv: Sequence[str] | None) -> tuple[Settings, pathlib.Path]:
-    """Reads the command line into settings and the output folder."""
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="small models, k in {1, 2, 4, 8}")
-    mode.add_argument("--full", action="store_true", help="larger batches, k up to 32 (default)")
-    mode.add_argument("--smoke", action="store_true", help="tiny models, k in {1, 2}; seconds")
-    parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT, help="output folder")
-    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated workloads")
-    parser.add_argument("--ks", help="comma-separated numbers of micro-batches")
-    parser.add_argument("--reps", type=int, help="timed repetitions (quick 10, full 30)")
-    parser.add_argument("--warmup", type=int, help="untimed calls after compiling")
-    parser.add_argument("--batch-scale", type=int, default=1, help="multiply every N by this")
-    parser.add_argument(
-        "--no-collectives", action="store_true", help="skip the 8-device collectives count"
-    )
-    parser.add_argument(
-        "--unroll-k", type=int, help="k at which to time unrolled scans (0: none; quick/full 8)"
-    )
-    args = parser.parse_args(argv)
+def settings(args: argparse.Namespace) -> Settings:
+    """The settings the command line asks for (``--full`` unless ``--quick`` or ``--smoke``).
+
+    Raises:
+      UsageError: for unknown models, bad ks or counts, or an N that a k does not divide.
+    """
     name: Scale = "quick" if args.quick else "smoke" if args.smoke else "full"
-    d = MODES[name]
+    d = SCALES[name]
     models = tuple(x.strip() for x in args.models.split(",") if x.strip())
     if not models or set(models) - set(MODELS):
-        parser.error(f"--models must name some of {', '.join(MODELS)}; got {args.models!r}")
-    try:
-        ks = tuple(int(x) for x in args.ks.split(",")) if args.ks else d["ks"]
-    except ValueError:
-        parser.error(f"--ks must be comma-separated integers, got {args.ks!r}")
+        raise UsageError(f"--models must name some of {', '.join(MODELS)}; got {args.models!r}")
+    ks = tuple(parse_ks(args.ks)) if args.ks else d["ks"]
     s = Settings(
         name,
         models,
@@ -342,55 +334,56 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, pathlib.Path]:
         args.batch_scale,
         collectives=not args.no_collectives,
         unroll_k=d["unroll_k"] if args.unroll_k is None else (args.unroll_k or None),
+        compile_repeats=d["compile_repeats"],
     )
-    if s.reps < 1 or s.warmup < 0 or s.batch_scale < 1 or min(ks) < 1:
-        parser.error("--reps, --batch-scale and every k must be >= 1, --warmup >= 0")
+    if s.reps < 1 or s.warmup < 0 or s.batch_scale < 1:
+        raise UsageError("--reps and --batch-scale must be >= 1, --warmup >= 0")
     for model in models:
         n = workloads.SIZES[name][model]["batch"] * s.batch_scale
         if bad := [k for k in ks if n % k]:
-            parser.error(f"{model}: N={n} is not divisible by k in {bad}; change --ks")
-    return s, args.out
+            raise UsageError(f"{model}: N={n} is not divisible by k in {bad}; change --ks")
+    return s
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Runs the suite, prints the tables and writes JSON, Markdown and plots to ``--out``.
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Runs the suite, prints the tables and writes JSON, Markdown and plots to ``args.out``.
 
-    Args:
-      argv: command-line arguments (default: ``sys.argv[1:]``).
+    With ``--rereport DIR...`` it times nothing: see :func:`rereport`.
 
     Returns:
-      What was written to ``suite.json``.
+      What was written to ``suite.json`` (the last folder's, with ``--rereport``).
     """
-    started, load_before = time.perf_counter(), [round(x, 2) for x in os.getloadavg()]
-    s, out = parse_args(argv)
-    machine = machine_info()
-    print("\n".join(f"{key}: {value}" for key, value in machine.items()))
-    print(f"settings: {dataclasses.asdict(s)}\n", flush=True)
+    if args.rereport:
+        return [rereport(folder) for folder in args.rereport][-1]
+    s = settings(args)
+    started, load_before = time.perf_counter(), load_average()
+    machine = print_machine(dataclasses.asdict(s))
     peak, basis = peak_flops()
     rows: list[dict[str, Any]] = []
-    configs, flops = {}, {"peak_flops_per_s": peak, "peak_basis": basis, "model_flops": {}}
+    configs: dict[str, Any] = {}
+    model_flops: dict[str, float | None] = {}
+    flops = {"peak_flops_per_s": peak, "peak_basis": basis, "model_flops": model_flops}
     for name in s.models:
         w = workloads.build(name, s.mode, s.batch_scale)
         configs[name] = w.config
         full = m.full_batch(w)
-        flops["model_flops"][name] = full.flops
+        model_flops[name] = full.flops
         for k in s.ks:
             start = time.perf_counter()
             rows += run_k(w, full, k, s, peak)
             gc.collect()
             print(f"{name} k={k}: {time.perf_counter() - start:.1f} s", flush=True)
-    load = [round(x, 2) for x in os.getloadavg()]
     result = {
         "machine": machine,
         "settings": dataclasses.asdict(s) | {"workloads": configs},
         "elapsed_s": time.perf_counter() - started,
         "loadavg_before": load_before,
-        "loadavg_after": load,
+        "loadavg_after": load_average(),
         "flops": flops,
         "rows": rows,
         "collectives": collectives_section(s) if s.collectives else [],
     }
-    return write(derive(result), out)
+    return write(derive(result), args.out)
 
 
 def derive(result: dict[str, Any]) -> dict[str, Any]:
@@ -421,11 +414,3 @@ def rereport(folder: pathlib.Path) -> dict[str, Any]:
     For a run made before a change to how the summary is computed: nothing is timed again.
     """
     return write(derive(json.loads((folder / "suite.json").read_text())), folder)
-
-
-if __name__ == "__main__":
-    if sys.argv[1:2] == ["--rereport"]:
-        for folder in sys.argv[2:]:
-            rereport(pathlib.Path(folder))
-    else:
-        main()

@@ -1,8 +1,10 @@
 """The models the benchmarks accumulate over: parameters, a loss and a synthetic batch.
 
-Three workloads, each a :class:`Workload`:
+The suite's three workloads, each a :class:`Workload`:
 
 * ``mlp``: a ReLU MLP (784 → 1024 → 1024 → 10 at full size), mean softmax cross-entropy.
+  The other modes use the same MLP (``builders``, ``multisteps``, ``collectives``; the
+  ``fsdp-memory`` mode with other widths and :func:`mlp_mse_loss`).
 * ``cnn``: 3x3 convolutions, each followed by BatchNorm, ReLU and 2x2 max-pooling, then a
   dense classifier (flax linen). The BatchNorm running statistics (``batch_stats``) are
   state: the loss takes them and returns their update, so accumulation has to carry them
@@ -31,6 +33,7 @@ Params = Any
 Batch = dict[str, jax.Array]
 Scale = Literal["smoke", "quick", "full"]
 MODELS = ("mlp", "cnn", "transformer")
+MLP_WIDTHS = (784, 1024, 1024, 10)  # the MLP of every mode but fsdp-memory
 
 # Per scale and model: the model's shape and N, the examples in one effective step.
 # "full" batches are divisible by 32 (the largest k); "quick" by 8; "smoke" by 2.
@@ -41,12 +44,12 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
         "transformer": {"batch": 4, "seq": 8, "dim": 16, "heads": 2, "layers": 1, "vocab": 32},
     },
     "quick": {
-        "mlp": {"batch": 256, "widths": (784, 1024, 1024, 10)},
+        "mlp": {"batch": 256, "widths": MLP_WIDTHS},
         "cnn": {"batch": 128, "image": (28, 28, 1), "channels": (16, 32)},
         "transformer": {"batch": 32, "seq": 64, "dim": 128, "heads": 4, "layers": 2, "vocab": 256},
     },
     "full": {
-        "mlp": {"batch": 2048, "widths": (784, 1024, 1024, 10)},
+        "mlp": {"batch": 2048, "widths": MLP_WIDTHS},
         "cnn": {"batch": 512, "image": (32, 32, 3), "channels": (32, 64, 64)},
         "transformer": {"batch": 256, "seq": 64, "dim": 128, "heads": 4, "layers": 2, "vocab": 256},
     },
@@ -109,14 +112,23 @@ def init_mlp(key: jax.Array, sizes: Sequence[int]) -> list[tuple[jax.Array, jax.
     ]
 
 
-def mlp_loss(params: list[tuple[jax.Array, jax.Array]], batch: Batch) -> jax.Array:
-    """Mean softmax cross-entropy of the MLP over the examples of ``batch``."""
-    x = batch["x"]
+def mlp_apply(params: list[tuple[jax.Array, jax.Array]], x: jax.Array) -> jax.Array:
+    """The MLP's outputs: ReLU after every layer but the last."""
     for w, b in params[:-1]:
         x = jax.nn.relu(x @ w + b)
     w, b = params[-1]
-    logp = jax.nn.log_softmax(x @ w + b)
+    return x @ w + b
+
+
+def mlp_loss(params: list[tuple[jax.Array, jax.Array]], batch: Batch) -> jax.Array:
+    """Mean softmax cross-entropy of the MLP over the examples of ``batch``."""
+    logp = jax.nn.log_softmax(mlp_apply(params, batch["x"]))
     return -jnp.mean(jnp.take_along_axis(logp, batch["y"][:, None], axis=1))
+
+
+def mlp_mse_loss(params: list[tuple[jax.Array, jax.Array]], batch: Batch) -> jax.Array:
+    """Mean squared error of the MLP's outputs against ``batch["y"]`` (a regression)."""
+    return jnp.mean((mlp_apply(params, batch["x"]) - batch["y"]) ** 2)
 
 
 def mlp_batch(key: jax.Array, n: int, features: int, classes: int) -> Batch:

@@ -181,11 +181,14 @@ def check_accum_dtype(accum_dtype: Any) -> np.dtype | None:
     """A floating dtype, or None (each leaf's own dtype: no widening)."""
     if accum_dtype is None:
         return None
-    dtype = np.dtype(accum_dtype)
-    if not jnp.issubdtype(dtype, jnp.floating):
+    try:
+        dtype = np.dtype(accum_dtype)
+    except TypeError:
+        dtype = None
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
         raise ValueError(
             f"accum_dtype must be a floating dtype such as float32, or None for each leaf's "
-            f"own dtype, got {dtype}."
+            f"own dtype, got {accum_dtype!r}."
         )
     return dtype
 

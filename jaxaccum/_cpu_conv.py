@@ -8,7 +8,7 @@ program's entry computation: a convolution inside a ``while`` body (a rolled ``l
 such as the micro-batch loop of :func:`jaxaccum.accumulate`) keeps its layout and runs as a
 naive loop nest. The backward pass of an ordinary NHWC convolution is exactly such a
 convolution: its weight gradient contracts over the batch with batch and feature swapped
-(``f01b_i01o->01bf`` in the compiled HLO). For the CNN of ``benchmarks/suite.py`` this
+(``f01b_i01o->01bf`` in the compiled HLO). For the CNN of ``python -m benchmarks suite`` this
 makes a rolled loop several times slower than the full-batch step; the figures are in
 ``benchmarks/RESULTS.md``.
 

@@ -66,7 +66,9 @@ def init(config: DynamicLossScale) -> LossScaleState:
 def adjust(config: DynamicLossScale, state: LossScaleState, finite: jax.Array) -> LossScaleState:
     """The next scale after a step whose gradient was (not) finite."""
     grown = state.good_steps + 1 >= config.growth_interval
-    up = jnp.where(grown, state.scale * config.growth_factor, state.scale)
+    bigger = state.scale * config.growth_factor
+    # Past float32's largest power of two the grown scale would be inf: stay put instead.
+    up = jnp.where(grown & jnp.isfinite(bigger), bigger, state.scale)
     down = jnp.maximum(state.scale * config.backoff_factor, config.min_scale)
     return LossScaleState(
         scale=jnp.where(finite, up, down).astype(jnp.float32),

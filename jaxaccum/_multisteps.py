@@ -326,7 +326,7 @@ def multi_steps(
         that ``state.skip_state`` holds what the function returned.
       runtime_checks: check traced schedule values and weights under ``jax.jit`` with a
         host callback (see Raises). A program holding a callback costs extra dispatch
-        time on every call (see ``benchmarks/bench_multisteps.py``); with False nothing
+        time on every call (see ``python -m benchmarks multisteps``); with False nothing
         is staged and bad traced values go unreported: a negative or NaN weight counts
         as 0, and a k below 1 as 1. Concrete values are always checked.
 

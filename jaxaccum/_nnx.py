@@ -231,7 +231,8 @@ def nnx_train_step(
         mesh=mesh,
         axis_name=axis_name,
         fsdp=fsdp,
-        param_specs=param_specs,
+        # Specs read off nnx.state(...) wrap each spec in its Variable, as the state does.
+        param_specs=None if param_specs is None else nnx.as_pure(param_specs),
     )
     exact = BatchNormMode.parse(batch_norm, "batch_norm") == BatchNormMode.EXACT
     if exact and engine.nonfinite == NonFinite.DROP:

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import functools
-import importlib.util
 import os
 import pathlib
 import subprocess
 import sys
 import tempfile
-from types import ModuleType
 from typing import Any
 
 import flax.linen as nn
@@ -93,21 +91,6 @@ def trees_equal(a: Any, b: Any) -> bool:
     """Bitwise equality of two pytrees of arrays."""
     same = jax.tree.map(lambda x, y: bool(np.array_equal(np.asarray(x), np.asarray(y))), a, b)
     return jax.tree.structure(a) == jax.tree.structure(b) and all(jax.tree.leaves(same))
-
-
-def load_example(name: str, monkeypatch: Any) -> ModuleType:
-    """Imports ``examples/<name>.py``, which is a script, not part of a package.
-
-    The module is registered in ``sys.modules`` while it runs (Flax's dataclass transform
-    looks its module up there) and removed again after the test by ``monkeypatch``.
-    """
-    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, name, module)
-    spec.loader.exec_module(module)
-    return module
 
 
 class BNNet(nn.Module):

@@ -8,9 +8,6 @@ params, updates and gradients (float32 round-off) unless a test says otherwise.
 
 from __future__ import annotations
 
-import json
-import pathlib
-import runpy
 from typing import Any
 
 import chex
@@ -35,7 +32,6 @@ from jaxaccum import MultiStepsState, flush, multi_steps
 
 N = 64
 TOL = {"rtol": 0.0, "atol": 1e-6}
-BENCH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_multisteps.py"
 
 
 @pytest.fixture(scope="module")
@@ -376,7 +372,7 @@ def test_mismatched_optimizer_state(params):
     other_tree = opt.init({"w": jnp.zeros(3)})
     with pytest.raises(
         ValueError,
-        match=r"state.acc_grads was made for another optimizer or other params: it has the structure",
+        match=r"state.acc_grads was made for another optimizer or other params: it has the",
     ):
         opt.update(ones, other_tree, params)
 
@@ -405,23 +401,3 @@ def test_named_scope_in_program(params):
     ones = jax.tree.map(jnp.ones_like, params)
     text = jax.jit(opt.update).lower(ones, opt.init(params), params).as_text(debug_info=True)
     assert "jaxaccum.multi_steps" in text
-
-
-# The benchmark runs end to end (no timing is asserted).
-def test_quick_benchmark_writes_json(tmp_path, capsys):
-    out = tmp_path / "multisteps.json"
-    main = runpy.run_path(str(BENCH), run_name="bench_multisteps")["main"]
-    main(["--quick", "--out", str(out)])
-    report = json.loads(out.read_text())
-    assert {"cpu", "cores", "jax", "optax"} <= set(report["machine"])
-    rows = {(r["method"], r["call"]): r for r in report["results"]}
-    assert ("gradient only", "-") in rows
-    for method in ("optax.MultiSteps", "jaxaccum multi_steps"):
-        for call in ("non-emitting", "emitting"):
-            row = rows[(method, call)]
-            assert row["median_ms"] > 0 and len(row["times_ms"]) == report["settings"]["reps"]
-            assert row["params_max_abs_diff_vs_optax"] < 1e-5  # the same update, unweighted
-    ours = rows[("jaxaccum multi_steps", "non-emitting")]["state_bytes"]
-    theirs = rows[("optax.MultiSteps", "non-emitting")]["state_bytes"]
-    assert 0 < ours - theirs <= 16  # two scalars more: the weight sum and the signal
-    assert "| method | call |" in capsys.readouterr().out

@@ -1,6 +1,7 @@
-"""Cost of one call of accumulation across calls, against a gradient-only step.
+"""Mode ``multisteps``: one call of accumulation across calls, against a gradient-only step.
 
-Every row times one jitted call on one micro-batch of an MLP trained with AdamW:
+Every row times one jitted call on one micro-batch of the MLP (``workloads.mlp``) trained
+with AdamW:
 
 * ``gradient only``: ``jax.value_and_grad(loss)``, the work any accumulation needs.
 * ``grad + adamw``: the gradient, ``adamw.update`` and ``optax.apply_updates``: one
@@ -16,24 +17,18 @@ state after k - 1 calls; inputs are the same at every repetition, so each row al
 runs the same branch. Params and optimizer state are donated (``donate_argnums``), as
 in a training loop, so outputs can reuse their buffers; each timed call gets fresh
 copies, made before the clock starts (``--no-donate`` turns donation off). Rows are
-timed in one process, interleaved round-robin (in a fresh random order every repetition), and
-the median is reported with its ratio to the median of ``gradient only``. Persistent
-state bytes are the summed ``nbytes`` of the optimizer state's leaves. Compilation is
-never timed.
-
-Run ``python benchmarks/bench_multisteps.py`` (under a minute on 2 cores) or ``... --quick``.
+timed in one process, interleaved (in a fresh random order every repetition), and the
+median is reported with its ratio to the median of ``gradient only``. Persistent state
+bytes are the summed ``nbytes`` of the optimizer state's leaves. Compilation is never
+timed.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import json
-import pathlib
 import statistics
-import sys
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -42,16 +37,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxaccum import multi_steps
-
-# benchmarks/ holds scripts, not a package: make its shared module importable.
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from common import machine_info, random_orders
+import jaxaccum
+from benchmarks import UsageError
+from benchmarks.common import print_machine, time_round_robin
+from benchmarks.workloads import MLP_WIDTHS, Batch, init_mlp, mlp_batch, mlp_loss
 
 Params = list[tuple[jax.Array, jax.Array]]
-Batch = dict[str, jax.Array]
-
-DEFAULT_OUT = pathlib.Path(__file__).resolve().parent / "out" / "multisteps.json"
 BASE = "gradient only"
 
 
@@ -88,6 +79,7 @@ class Row:
       args: makes fresh arguments for one call of ``fn`` (untimed; donated ones are
         consumed by the call).
       state_bytes: persistent optimizer-state bytes (0 for the gradient-only step).
+      pending: the arguments :meth:`prepare` made for the next :meth:`step`.
     """
 
     method: str
@@ -95,33 +87,21 @@ class Row:
     fn: Callable[..., Any]
     args: Callable[[], tuple[Any, ...]]
     state_bytes: int
-
-    def run(self) -> Any:
-        """Runs the call once on fresh arguments; returns its outputs, maybe not computed."""
-        return self.fn(*self.args())
+    pending: list[tuple[Any, ...]] = dataclasses.field(default_factory=list)
 
     @property
     def name(self) -> str:
         return self.method if self.call == "-" else f"{self.method} ({self.call})"
 
+    def prepare(self) -> None:
+        """Makes fresh arguments for the next call (before the clock starts)."""
+        self.pending[:] = [self.args()]
 
-def init_mlp(key: jax.Array, sizes: Sequence[int]) -> Params:
-    """He-initialised weights and zero biases for a ReLU MLP, one ``(W, b)`` per layer."""
-    keys = jax.random.split(key, len(sizes) - 1)
-    return [
-        (jax.random.normal(k, (m, n)) * np.sqrt(2.0 / m), jnp.zeros(n))
-        for k, m, n in zip(keys, sizes[:-1], sizes[1:], strict=True)
-    ]
-
-
-def mean_loss(params: Params, batch: Batch) -> jax.Array:
-    """Mean softmax cross-entropy of the MLP over the examples of ``batch``."""
-    x = batch["x"]
-    for w, b in params[:-1]:
-        x = jax.nn.relu(x @ w + b)
-    w, b = params[-1]
-    logp = jax.nn.log_softmax(x @ w + b)
-    return -jnp.mean(jnp.take_along_axis(logp, batch["y"][:, None], axis=1))
+    def step(self) -> Any:
+        """Runs the call once on fresh arguments; returns its outputs, maybe not computed."""
+        if not self.pending:
+            self.prepare()
+        return self.fn(*self.pending.pop())
 
 
 def tree_bytes(tree: Any) -> int:
@@ -144,7 +124,7 @@ def accumulating_rows(
     weighted = "weighted" in method
 
     def step(p: Params, s: Any, mb: Batch, w: jax.Array) -> tuple[Params, Any, jax.Array]:
-        loss, grads = jax.value_and_grad(mean_loss)(p, mb)
+        loss, grads = jax.value_and_grad(mlp_loss)(p, mb)
         updates, s = opt.update(grads, s, p, **({"weight": w} if weighted else {}))
         return optax.apply_updates(p, updates), s, loss
 
@@ -165,12 +145,12 @@ def build_rows(params: Params, mb: Batch, k: int, donate: bool) -> list[Row]:
     inner = optax.adamw(1e-3)
 
     def plain(p: Params, s: Any, mb: Batch) -> tuple[Params, Any]:
-        _, grads = jax.value_and_grad(mean_loss)(p, mb)
+        _, grads = jax.value_and_grad(mlp_loss)(p, mb)
         updates, s = inner.update(grads, s, p)
         return optax.apply_updates(p, updates), s
 
     donated = (0, 1) if donate else ()
-    grad, plain_fn = jax.jit(jax.value_and_grad(mean_loss)), jax.jit(plain, donate_argnums=donated)
+    grad, plain_fn = jax.jit(jax.value_and_grad(mlp_loss)), jax.jit(plain, donate_argnums=donated)
     inner_state = inner.init(params)
     rows = [
         Row(BASE, "-", grad, lambda: (params, mb), 0),
@@ -184,11 +164,11 @@ def build_rows(params: Params, mb: Batch, k: int, donate: bool) -> list[Row]:
     ]
     for method, opt in [
         ("optax.MultiSteps", optax.MultiSteps(inner, k)),
-        ("jaxaccum multi_steps", multi_steps(inner, k)),
-        ("jaxaccum multi_steps, weighted", multi_steps(inner, k)),
+        ("jaxaccum multi_steps", jaxaccum.multi_steps(inner, k)),
+        ("jaxaccum multi_steps, weighted", jaxaccum.multi_steps(inner, k)),
         (
             "jaxaccum multi_steps, weighted, runtime_checks=False",
-            multi_steps(inner, k, runtime_checks=False),
+            jaxaccum.multi_steps(inner, k, runtime_checks=False),
         ),
     ]:
         rows += accumulating_rows(method, opt, params, mb, k, donate)
@@ -206,7 +186,7 @@ def check_rows(rows: Sequence[Row], params: Params) -> dict[str, float]:
     for row in rows:
         if row.call == "-":
             continue
-        new_params = jax.block_until_ready(row.run())[0]
+        new_params = jax.block_until_ready(row.step())[0]
         moved = any(
             bool(jnp.any(a != b))
             for a, b in zip(jax.tree.leaves(new_params), jax.tree.leaves(params), strict=True)
@@ -218,31 +198,6 @@ def check_rows(rows: Sequence[Row], params: Params) -> dict[str, float]:
     ref = emitted["optax.MultiSteps"]
     diff = lambda a, b: float(jnp.max(jnp.abs(a - b)))  # noqa: E731
     return {m: max(jax.tree.leaves(jax.tree.map(diff, p, ref))) for m, p in emitted.items()}
-
-
-def time_round_robin(rows: Sequence[Row], reps: int, warmup: int) -> dict[str, list[float]]:
-    """Seconds per call of each row, interleaved in a fresh seeded random order per repetition.
-
-    A random order keeps any row from always following the same neighbour (see
-    ``common.random_orders``).
-    """
-    for row in rows:
-        for _ in range(warmup):
-            jax.block_until_ready(row.run())
-    times: dict[str, list[float]] = {row.name: [] for row in rows}
-    gc.collect()
-    gc.disable()
-    try:
-        for order in random_orders(len(rows), reps):
-            for i in order:
-                row = rows[i]
-                args = row.args()
-                start = time.perf_counter()
-                jax.block_until_ready(row.fn(*args))
-                times[row.name].append(time.perf_counter() - start)
-    finally:
-        gc.enable()
-    return times
 
 
 def _fmt(x: float | None) -> str:
@@ -263,46 +218,32 @@ def markdown_table(results: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv: Sequence[str] | None) -> tuple[Settings, pathlib.Path]:
-    """Reads the command line into settings and the JSON output path."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny model, few repetitions")
-    parser.add_argument("--reps", type=int, help="timed repetitions (default 200, quick 3)")
-    parser.add_argument("--k", type=int, default=4, help="calls per update (default 4)")
-    parser.add_argument("--no-donate", action="store_true", help="do not donate state")
-    parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT, help="JSON path")
-    args = parser.parse_args(argv)
+def settings(args: argparse.Namespace) -> Settings:
+    """The settings the command line asks for (``--quick``: a tiny MLP, 3 repetitions).
+
+    Raises:
+      UsageError: for fewer than one repetition or k below 2.
+    """
     if args.quick:
         s = Settings(sizes=(64, 128, 10), micro_batch=16, k=args.k, reps=3, warmup=1, donate=True)
     else:
-        s = Settings(
-            sizes=(784, 1024, 1024, 10), micro_batch=64, k=args.k, reps=200, warmup=3, donate=True
-        )
+        s = Settings(sizes=MLP_WIDTHS, micro_batch=64, k=args.k, reps=200, warmup=3, donate=True)
     s = dataclasses.replace(s, reps=args.reps or s.reps, donate=not args.no_donate)
     if s.reps < 1 or s.k < 2:
-        parser.error("--reps must be >= 1 and --k >= 2 (k = 1 has no non-emitting call)")
-    return s, args.out
+        raise UsageError("--reps must be >= 1 and --k >= 2 (k = 1 has no non-emitting call)")
+    return s
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Runs the benchmark, prints the machine and the table, writes the JSON.
-
-    Args:
-      argv: command-line arguments (default: ``sys.argv[1:]``).
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Runs the mode: prints the machine and the table, writes the JSON to ``args.out``.
 
     Returns:
-      What was written to the JSON file: machine, settings and one entry per row.
+      What was written: machine, settings, param bytes and one entry per row.
     """
-    s, out = parse_args(argv)
-    machine = machine_info()
-    print("\n".join(f"{key}: {value}" for key, value in machine.items()))
-    print(f"settings: {dataclasses.asdict(s)}\n")
+    s = settings(args)
+    machine = print_machine(dataclasses.asdict(s))
     params = init_mlp(jax.random.key(0), s.sizes)
-    kx, ky = jax.random.split(jax.random.key(1))
-    mb = {
-        "x": jax.random.normal(kx, (s.micro_batch, s.sizes[0])),
-        "y": jax.random.randint(ky, (s.micro_batch,), 0, s.sizes[-1]),
-    }
+    mb = mlp_batch(jax.random.key(1), s.micro_batch, s.sizes[0], s.sizes[-1])
     rows = build_rows(params, mb, s.k, s.donate)
     diffs = check_rows(rows, params)
     times = time_round_robin(rows, s.reps, s.warmup)
@@ -328,11 +269,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "param_bytes": tree_bytes(params),
         "results": results,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nparams: {tree_bytes(params) / 2**20:.2f} MiB\nwrote {out}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nparams: {tree_bytes(params) / 2**20:.2f} MiB\nwrote {args.out}")
     return report
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,1 @@
+"""The CNN with BatchNorm example; run main.py."""

@@ -1,0 +1,1 @@
+"""The MLP-on-digits example; run main.py."""

@@ -1,0 +1,1 @@
+"""The token-weighted language-model example; run main.py."""
