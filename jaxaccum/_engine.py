@@ -183,6 +183,17 @@ After = Callable[[Any, Any, Any, jax.Array], tuple[Any, Any]]
 Finish = Callable[[Any, Any], Any]
 
 
+class Commit(NamedTuple):
+    """A front-end's own update of its state, run instead of the ``Core`` update.
+
+    ``apply(state, grads, carry)`` when the update applies, ``skip(state)`` otherwise.
+    """
+
+    state: Any
+    apply: Callable[[Any, Any, Any], Any]
+    skip: Callable[[Any], Any]
+
+
 def _keep_carry(side: Any, carry: Any, consts: Any, counted: jax.Array) -> tuple[Any, Any]:
     return None, carry
 
@@ -204,7 +215,8 @@ def run(
     after: After = _keep_carry,
     reduce: Any = None,
     finish: Finish | None = None,
-) -> tuple[Core, TrainMetrics]:
+    commit: Commit | None = None,
+) -> tuple[Any, TrainMetrics]:
     """One train step: k micro-batches, then one update of ``core`` by ``tx``.
 
     Micro-batch ``j`` of step ``t`` gets the key ``fold_in(fold_in(key, t), j)``, for every
@@ -256,6 +268,14 @@ def run(
     def skip(core: Core) -> Core:
         return core._replace(skipped=None if core.skipped is None else core.skipped + 1)
 
+    if commit is not None:  # the front-end's own update, e.g. Flax's apply_gradients
+        done = jax.lax.cond(
+            result.metrics.applied,
+            lambda s: commit.apply(s, result.grads, carry),
+            commit.skip,
+            commit.state,
+        )
+        return done, result.metrics
     new = jax.lax.cond(result.metrics.applied, apply, skip, core)
     if e.loss_scale is not None and core.loss_scale is not None:
         scaled_state = _loss_scale.adjust(e.loss_scale, core.loss_scale, result.finite)

@@ -339,18 +339,21 @@ def train_step(
         if engine.nonfinite == NonFinite.DROP and model.fixed:
             raise ValueError(
                 f"nonfinite='drop' works with sequential collections only, got modes "
-                f"{model.modes}; use nonfinite='skip' or carry every collection with "
-                "'sequential'."
+                f"{ {n: str(m) for n, m in model.modes.items()} }; use nonfinite='skip' or "
+                "carry every collection with 'sequential'."
             )
-        skipped = getattr(state, "skipped", None)
-        core = _engine.Core(
-            state.params,
-            state.opt_state,
-            state.step,
-            None if skipped is None else jnp.asarray(skipped, jnp.int32),
-            cols,
-        )
-        core, metrics = _engine.run(
+        model.cols = cols
+        core = _engine.Core(state.params, state.opt_state, state.step, None, model.carried(cols))
+
+        def apply(state: Any, grads: Any, new_cols: Any) -> Any:
+            return with_collections(state.apply_gradients(grads=grads), new_cols)
+
+        def skip(state: Any) -> Any:
+            if hasattr(state, "skipped"):
+                return state.replace(skipped=state.skipped + 1)
+            return state
+
+        return _engine.run(
             engine,
             state.tx,
             core,
@@ -361,11 +364,8 @@ def train_step(
             after=model.after,
             reduce={n: _REDUCE[model.modes[n]] for n in model.fixed},
             finish=model.finish,
+            commit=_engine.Commit(state, apply, skip),
         )
-        new_state = state.replace(step=core.step, params=core.params, opt_state=core.opt_state)
-        if skipped is not None:
-            new_state = new_state.replace(skipped=core.skipped)
-        return with_collections(new_state, core.carry), metrics
 
     return TrainStep(init=init, update=update)
 
@@ -392,6 +392,10 @@ class _Model:
         self.names = list(modes)
         self.fixed = [n for n in modes if modes[n] != CollectionMode.SEQUENTIAL]
         self.momenta: dict[tuple[str, ...], float] = {}
+        self.cols: dict[str, Any] = {}
+
+    def carried(self, cols: dict[str, Any]) -> dict[str, Any]:
+        return {n: v for n, v in cols.items() if n not in self.fixed}
 
     def given(self, cols: dict[str, Any]) -> dict[str, Any]:
         exact = lambda n: self.modes[n] == CollectionMode.EXACT  # noqa: E731
@@ -412,8 +416,7 @@ class _Model:
         def apply(*args: Any, **kwargs: Any) -> Any:
             self._check_call(kwargs, len(calls), fixed)
             # A later call sees the collections as the earlier calls left them.
-            current = {n: carry[n] for n in self.names if n not in fixed}
-            variables = {"params": p, **current, **(calls[-1] if calls else {}), **fixed}
+            variables = {"params": p, **carry, **(calls[-1] if calls else {}), **fixed}
             rngs = {n: jax.random.fold_in(r, len(calls)) for n, r in streams.items()}
             extra = {"rngs": rngs if calls else streams} if streams else {}
             with nn.intercept_methods(self._record):
@@ -463,12 +466,10 @@ class _Model:
     def after(self, new: Any, carry: Any, fixed: Any, counted: jax.Array) -> tuple[Any, Any]:
         """Sequential collections move on (a dropped micro-batch leaves them); the others'
         values are what gets reduced."""
-        for n in self.names:
-            _check_same_layout(n, new.get(n, carry[n]), carry[n])
+        for n, old in {**carry, **fixed}.items():
+            _check_same_layout(n, new.get(n, old), old)
         moved = {
             n: jax.tree.map(lambda a, b: jnp.where(counted, a, b), new.get(n, v), v)
-            if n not in fixed
-            else v
             for n, v in carry.items()
         }
         reduced = {
@@ -482,15 +483,14 @@ class _Model:
     def finish(self, reduced: Any, carry: Any) -> Any:
         """Every collection after the step: merged, reduced or carried."""
 
-        def one(n: str, v: Any) -> Any:
-            if n not in self.fixed:
-                return v
+        def one(n: str) -> Any:
+            v = self.cols[n]
             if self.modes[n] == CollectionMode.EXACT:
                 first, second = reduced[n]
                 return _bn.merge(v, first, second, self.momenta, _linen_keys, only_stats=n)
             return jax.tree.map(lambda r, o: r.astype(jnp.asarray(o).dtype), reduced[n], v)
 
-        return {n: one(n, v) for n, v in carry.items()}
+        return {**carry, **{n: one(n) for n in self.fixed}}
 
 
 def _linen_keys(path: Any) -> tuple[str, ...]:

@@ -205,3 +205,27 @@ def test_options_take_members_or_strings_and_name_the_choices():
         jf.train_step(linen_loss, 2, collections={"cache": "avg"})
     with pytest.raises(ValueError, match=r"fsdp='zero3' is not one of"):
         jaxaccum.train_step(optax_loss, optax.sgd(0.1), 2, fsdp="zero3")
+
+
+def test_linen_step_runs_the_states_own_apply_gradients():
+    # A TrainState subclass that overrides apply_gradients (an EMA, a counter) keeps it.
+    from typing import Any
+
+    from flax.training import train_state
+
+    class Counting(train_state.TrainState):
+        updates: Any = 0
+
+        def apply_gradients(self, *, grads, **kwargs):
+            return super().apply_gradients(grads=grads, **kwargs).replace(updates=self.updates + 1)
+
+    class Lin(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(1)(x)
+
+    variables = Lin().init(KEY, BATCH["x"])
+    state = Counting.create(apply_fn=Lin().apply, params=variables["params"], tx=optax.sgd(0.1))
+    step = jf.train_step(lambda apply, b: jnp.mean(apply(b["x"]) ** 2), 2)
+    state, metrics = jax.jit(step)(state, BATCH)
+    assert bool(metrics.applied) and int(state.updates) == 1 and int(state.step) == 1
