@@ -329,21 +329,15 @@ def train_step(
     def update(state: Any, batch: Any) -> tuple[Any, TrainMetrics]:
         _check_state(state)
         cols, with_collections = _collections_of(state)
-        model = _Model(
-            state.apply_fn,
-            loss_fn,
-            wants_params,
-            _modes(list(cols), bn_mode, modes_given),
-            rng_names,
-        )
+        modes = _modes(list(cols), bn_mode, modes_given)
+        model = _Model(state.apply_fn, loss_fn, wants_params, modes, rng_names, cols)
         if engine.nonfinite == NonFinite.DROP and model.fixed:
             raise ValueError(
                 f"nonfinite='drop' works with sequential collections only, got modes "
                 f"{ {n: str(m) for n, m in model.modes.items()} }; use nonfinite='skip' or "
                 "carry every collection with 'sequential'."
             )
-        model.cols = cols
-        core = _engine.Core(state.params, state.opt_state, state.step, None, model.carried(cols))
+        core = _engine.Core(state.params, state.opt_state, state.step, None, model.carried())
 
         def apply(state: Any, grads: Any, new_cols: Any) -> Any:
             return with_collections(state.apply_gradients(grads=grads), new_cols)
@@ -360,7 +354,7 @@ def train_step(
             batch,
             model.forward,
             key=getattr(state, "key", None) if rng_names else None,
-            consts=model.given(cols),
+            consts=model.given(),
             after=model.after,
             reduce={n: _REDUCE[model.modes[n]] for n in model.fixed},
             finish=model.finish,
@@ -386,21 +380,23 @@ class _Model:
         wants_params: bool,
         modes: dict[str, CollectionMode],
         rng_names: tuple[str, ...],
+        cols: dict[str, Any],
     ) -> None:
         self.apply_fn, self.loss_fn, self.wants_params = apply_fn, loss_fn, wants_params
         self.modes, self.rng_names = modes, rng_names
         self.names = list(modes)
         self.fixed = [n for n in modes if modes[n] != CollectionMode.SEQUENTIAL]
         self.momenta: dict[tuple[str, ...], float] = {}
-        self.cols: dict[str, Any] = {}
+        self.cols = cols  # the step's collections, before any micro-batch
 
-    def carried(self, cols: dict[str, Any]) -> dict[str, Any]:
-        return {n: v for n, v in cols.items() if n not in self.fixed}
+    def carried(self) -> dict[str, Any]:
+        return {n: v for n, v in self.cols.items() if n not in self.fixed}
 
-    def given(self, cols: dict[str, Any]) -> dict[str, Any]:
+    def given(self) -> dict[str, Any]:
         exact = lambda n: self.modes[n] == CollectionMode.EXACT  # noqa: E731
         return {
-            n: jax.tree.map(jnp.zeros_like, cols[n]) if exact(n) else cols[n] for n in self.fixed
+            n: jax.tree.map(jnp.zeros_like, self.cols[n]) if exact(n) else self.cols[n]
+            for n in self.fixed
         }
 
     def _record(self, next_fun: Any, args: Any, kwargs: Any, context: Any) -> Any:
