@@ -11,8 +11,9 @@ Modes (``python -m benchmarks MODE --help`` lists a mode's options):
 * ``batchnorm``: how far accumulated BatchNorm statistics are from the full batch's, per
   layer and mode (``bn_deviation.py``).
 * ``collectives``: collectives per step against k on 8 devices (``comm_counts.py``).
-* ``fsdp-memory``: per-device memory and collectives of sharded train steps on 8 devices
-  (``fsdp_memory.py``).
+* ``fsdp-memory``: per-device memory and collectives of FSDP models (a scan over layers that
+  gathers its weights where it uses them, on both mesh kinds; weights used whole) on 8
+  devices (``fsdp_memory.py``).
 * ``all``: every mode in turn, each in its own process, with the settings recorded in
   ``RESULTS.md`` (``--smoke``: the smallest settings, a minute or two).
 
@@ -61,7 +62,7 @@ def _all_argv(mode: str, out: pathlib.Path, smoke: bool) -> list[str]:
         "multisteps": [],
         "batchnorm": [],
         "collectives": [],
-        "fsdp-memory": ["--ks", "2,4,8,16"],
+        "fsdp-memory": [],
     }
     smallest = {
         "suite": ["--smoke", "--ks", "2", "--reps", "2"],
@@ -69,7 +70,7 @@ def _all_argv(mode: str, out: pathlib.Path, smoke: bool) -> list[str]:
         "multisteps": ["--quick"],
         "batchnorm": ["--batch", "64", "--k", "2"],
         "collectives": ["--ks", "1,2", "--batch", "64"],
-        "fsdp-memory": ["--ks", "2", "--batch", "64"],
+        "fsdp-memory": ["--ks", "2", "--batch", "128", "--layers", "2", "--width", "64"],
     }
     return [mode, *(smallest if smoke else recorded)[mode], *outputs[mode]]
 
@@ -165,6 +166,15 @@ def _eight_devices(ks: str, batch: int) -> Any:
     return add
 
 
+def _fsdp_memory(p: argparse.ArgumentParser) -> None:
+    # The module's own options, read without importing JAX.
+    p.add_argument("--ks", default="1,2,4,8", help="comma-separated k (default 1,2,4,8)")
+    p.add_argument("--batch", type=int, default=4096, help="N (default 4096)")
+    p.add_argument("--layers", type=int, default=16, help="layers (default 16)")
+    p.add_argument("--width", type=int, default=1024, help="layer width (default 1024)")
+    p.add_argument("--json", default="", help="also write JSON here ('-': JSON to stdout)")
+
+
 def _all(p: argparse.ArgumentParser) -> None:
     p.add_argument("--smoke", action="store_true", help="the smallest settings of every mode")
     p.add_argument("--out", type=pathlib.Path, default=OUT, help="output folder")
@@ -186,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("multisteps", _multisteps, "one call of multi_steps against optax.MultiSteps"),
         ("batchnorm", _batchnorm, "BatchNorm statistics' deviation from the full batch"),
         ("collectives", _eight_devices("1,2,4,8,16,32", 512), "collectives per step vs k"),
-        ("fsdp-memory", _eight_devices("8", 2048), "per-device memory of sharded layouts"),
+        ("fsdp-memory", _fsdp_memory, "per-device memory and collectives of FSDP models"),
         ("all", _all, "every mode in turn"),
     ):
         mode_parser = sub.add_parser(mode, help=text, description=text)

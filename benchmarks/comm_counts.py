@@ -1,14 +1,19 @@
 """Mode ``collectives``: collectives per training step against k, from the compiled HLO.
 
-Every method computes the gradient of the MLP's mean loss (``workloads.mlp_loss``) over a
-batch sharded along the mesh axis ``data`` of 8 devices (params replicated), split into k
-micro-batches:
+Every method computes the gradient of the MLP's mean loss (``workloads.mlp_loss``: weight
+matrices and biases) over a batch sharded along the mesh axis ``data`` of 8 devices (params
+replicated), split into k micro-batches, on an Explicit mesh (``jax.make_mesh``'s default)
+unless the name says Auto:
 
-* ``jaxaccum data_axis``: ``jaxaccum.accumulate(..., data_axis="data")``;
-* ``jit scan (strided)``: the same ``jaxaccum.accumulate`` without ``data_axis``, left to
-  the compiler (GSPMD), which is what a hand-written scan over a sharded batch gets;
-* ``jit scan (contiguous)``: likewise with the ``(k, N/k)`` split;
-* ``optax.microbatch``: ``optax.microbatch`` under ``jax.jit``;
+* ``jaxaccum data_axis``: ``jaxaccum.accumulate(..., data_axis="data")``: the weight
+  matrices' gradients reduced once after the loop, the biases' (added to the sharded
+  activations, which cannot be ``reduced`` in jax 0.10) and the loss inside it;
+* ``jaxaccum data_axis (Auto)``: the same on Auto axes, where the compiler reduces;
+* ``jit scan (strided)``: the same ``jaxaccum.accumulate`` without ``data_axis``, which is
+  what a hand-written scan over a sharded batch gets;
+* ``jit scan (contiguous, Auto)``: likewise with the ``(k, N/k)`` split, on Auto axes (on
+  Explicit ones the split is refused);
+* ``optax.microbatch (Auto)``: ``optax.microbatch`` under ``jax.jit``;
 * ``python loop``: k calls of a jitted micro-batch gradient (each call communicates once).
 
 Counts come from :func:`jaxaccum.inspect.collectives`; nothing runs. ``per_step`` counts
@@ -36,58 +41,63 @@ from benchmarks.workloads import MLP_WIDTHS, init_mlp, mlp_loss
 DEVICES = 8
 
 
-def _rows(ks: Sequence[int], n: int) -> list[dict[str, Any]]:
-    """One row per (method, k), counted on this process's first 8 devices."""
-    mesh = jax.make_mesh(
-        (DEVICES,),
-        ("data",),
-        axis_types=(jax.sharding.AxisType.Auto,),
-        devices=jax.devices()[:DEVICES],
-    )
+def _inputs(kind: jax.sharding.AxisType, n: int) -> tuple[Any, Any, Any]:
+    """The mesh, replicated params and the abstract sharded batch on 8 devices."""
+    mesh = jax.make_mesh((DEVICES,), ("data",), axis_types=(kind,), devices=jax.devices()[:DEVICES])
     params = init_mlp(jax.random.key(0), MLP_WIDTHS)
+    params = jax.device_put(params, NamedSharding(mesh, P()))
     sharding = NamedSharding(mesh, P("data"))
     batch = {
         "x": jax.ShapeDtypeStruct((n, MLP_WIDTHS[0]), jnp.float32, sharding=sharding),
         "y": jax.ShapeDtypeStruct((n,), jnp.int32, sharding=sharding),
     }
-    vg = jax.value_and_grad(mlp_loss)
+    return mesh, params, batch
 
-    def split(k: int) -> Any:  # one micro-batch, for the Python loop's k calls
+
+def _methods(n: int) -> dict[str, tuple[Any, Callable[[int, Any], tuple[Any, Any, int]]]]:
+    """name -> (mesh kind, k -> (function, batch argument, calls per step))."""
+    vg = jax.value_and_grad(mlp_loss)
+    explicit, auto = jax.sharding.AxisType.Explicit, jax.sharding.AxisType.Auto
+
+    def split(k: int, batch: Any) -> Any:  # one micro-batch, for the Python loop's k calls
         return jax.tree.map(
-            lambda s: jax.ShapeDtypeStruct((n // k, *s.shape[1:]), s.dtype, sharding=sharding),
+            lambda s: jax.ShapeDtypeStruct((n // k, *s.shape[1:]), s.dtype, sharding=s.sharding),
             batch,
         )
 
-    # name -> k -> (function, batch argument, calls per step)
-    methods: dict[str, Callable[[int], tuple[Any, Any, int]]] = {
-        "jaxaccum data_axis": lambda k: (
-            jaxaccum.accumulate(vg, k, data_axis="data", mesh=mesh),
-            batch,
-            1,
+    def microbatch(k: int, batch: Any) -> tuple[Any, Any, int]:
+        mean = optax.microbatching.AccumulationType.MEAN
+        fn = optax.microbatching.microbatch(vg, argnums=1, microbatch_size=n // k, accumulator=mean)
+        return fn, batch, 1
+
+    return {
+        "jaxaccum data_axis": (
+            explicit,
+            lambda k, b: (jaxaccum.accumulate(vg, k, data_axis="data"), b, 1),
         ),
-        "jit scan (strided)": lambda k: (jaxaccum.accumulate(vg, k), batch, 1),
-        "jit scan (contiguous)": lambda k: (
-            jaxaccum.accumulate(vg, k, split="contiguous"),
-            batch,
-            1,
+        "jaxaccum data_axis (Auto)": (
+            auto,
+            lambda k, b: (jaxaccum.accumulate(vg, k, data_axis="data"), b, 1),
         ),
-        "optax.microbatch": lambda k: (
-            optax.microbatching.microbatch(
-                vg,
-                argnums=1,
-                microbatch_size=n // k,
-                accumulator=optax.microbatching.AccumulationType.MEAN,
-            ),
-            batch,
-            1,
+        "jit scan (strided)": (explicit, lambda k, b: (jaxaccum.accumulate(vg, k), b, 1)),
+        "jit scan (contiguous, Auto)": (
+            auto,
+            lambda k, b: (jaxaccum.accumulate(vg, k, split="contiguous"), b, 1),
         ),
-        "python loop": lambda k: (vg, split(k), k),
+        "optax.microbatch (Auto)": (auto, microbatch),
+        "python loop": (explicit, lambda k, b: (vg, split(k, b), k)),
     }
+
+
+def _rows(ks: Sequence[int], n: int) -> list[dict[str, Any]]:
+    """One row per (method, k), counted on this process's first 8 devices."""
     rows = []
-    for name, build in methods.items():
+    for name, (kind, build) in _methods(n).items():
+        mesh, params, batch = _inputs(kind, n)
         for k in ks:
-            fn, args, calls = build(k)
-            report = jaxaccum.inspect.collectives(fn, params, args)
+            fn, args, calls = build(k, batch)
+            with jax.set_mesh(mesh):
+                report = jaxaccum.inspect.collectives(fn, params, args)
             loops = 1 if calls > 1 else k
             runs = [(c, (loops if c.in_loop else 1) * calls) for c in report.collectives]
             rows.append(
@@ -96,6 +106,8 @@ def _rows(ks: Sequence[int], n: int) -> list[dict[str, Any]]:
                     "k": k,
                     "in_loop": report.counts(in_loop=True),
                     "outside_loop": report.counts(in_loop=False),
+                    "bytes_in_loop": sum(c.bytes for c in report.in_loop),
+                    "bytes_outside_loop": sum(c.bytes for c in report.outside_loop),
                     "per_step": sum(times for _, times in runs),
                     "bytes_per_step": sum(c.bytes * times for c, times in runs),
                     "non_reduce_bytes_per_step": sum(
@@ -122,15 +134,16 @@ def collect(ks: Sequence[int], n: int) -> dict[str, Any]:
 def markdown(rows: Sequence[dict[str, Any]]) -> str:
     """A table: method, k, collectives in the loop / outside it, collectives run per step."""
     lines = [
-        "| method | k | in loop | outside loop | run per step | MiB moved per step |",
+        "| method | k | in loop (bytes) | outside loop (bytes) | run per step | "
+        "MiB moved per step |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         inside = ", ".join(f"{op} {n}" for op, n in r["in_loop"].items()) or "none"
         outside = ", ".join(f"{op} {n}" for op, n in r["outside_loop"].items()) or "none"
         lines.append(
-            f"| {r['method']} | {r['k']} | {inside} | {outside} | {r['per_step']} | "
-            f"{r['bytes_per_step'] / 2**20:.2f} |"
+            f"| {r['method']} | {r['k']} | {inside} ({r['bytes_in_loop']}) | {outside} "
+            f"({r['bytes_outside_loop']}) | {r['per_step']} | {r['bytes_per_step'] / 2**20:.2f} |"
         )
     return "\n".join(lines)
 

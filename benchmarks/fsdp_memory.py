@@ -1,133 +1,155 @@
-"""Mode ``fsdp-memory``: per-device memory and collectives of sharded train steps.
+"""Mode ``fsdp-memory``: per-device memory and collectives of FSDP models on 8 devices.
 
-One Adam step of the MLP (``workloads.mlp_apply``, widths 512-2048-2048-512, mean squared
-error ``workloads.mlp_mse_loss``, batch 2048 sharded over the mesh axis ``data``) on 8
-devices, compiled and never run. Layouts:
+Two models, compiled and never run, on 8 devices over one mesh axis ``data``:
 
-* ``replicated DP``: params replicated, ``jaxaccum.train_step(..., data_axis="data")``;
-* ``FSDP per micro-batch``: every weight matrix sharded ``P("data")`` on its first axis,
-  ``fsdp="per_microbatch"`` (gathered in the loop, gradient reduce-scattered per micro-batch);
-* ``FSDP gather once``: the same params, ``fsdp="gather_once"``;
-* ``tensor parallel``: a 4 × 2 mesh ("data", "model"), matrices ``P(None, "model")``, the
-  batch over "data" with ``data_axis="data"``, the model axis left to the compiler;
-* ``FSDP, no accumulation``: ``jax.jit`` of the full-batch gradient and Adam on the FSDP
-  params, the layout left to the compiler (the step accumulation has to beat).
+* **Scan over layers** (both mesh kinds): ``--layers`` stacked ``--width`` × ``--width``
+  weights sharded ``P(None, None, "data")``, scanned over, each layer under
+  ``jax.checkpoint`` gathering its own weight where it uses it (the MaxText way: on Explicit
+  axes ``jax.sharding.reshard`` to a ``reduced`` spec, on Auto axes a sharding constraint,
+  with the activations pinned to ``data``). Mean squared error on a batch of ``--batch``
+  rows. Rows: the unaccumulated FSDP gradient (``jax.jit(jax.value_and_grad(loss))``), and
+  ``jaxaccum.accumulate(..., data_axis="data")`` with each ``fsdp=`` strategy at each k.
+* **Weights used whole** (Auto axes): as many separate weights sharded ``P(None, "data")``,
+  used as they are (the compiler decides the gathers), batch ``--batch`` / 8, at the largest
+  k: the unaccumulated gradient, and jaxaccum with the strided (default) and contiguous
+  splits.
 
-Memory is XLA's compiled memory analysis per device, the state donated as in training, read
-with :func:`jaxaccum.inspect.plan_microbatches` (one candidate k): arguments, outputs,
-temporaries, aliased bytes, and the accumulator, the loop's carry per device. Collectives are
-read from the compiled HLO with :func:`jaxaccum.inspect.collectives`. With fewer than 8
-devices the mode runs in a child process on 8 forced CPU devices (``common.json_from_child``).
+Memory is XLA's compiled memory analysis per device, read with
+:func:`jaxaccum.inspect.plan_microbatches` (one candidate k): the peak (arguments + outputs +
+temporaries − aliased) and the accumulator, the loop's carry per device. Collectives are
+read from the compiled HLO with :func:`jaxaccum.inspect.collectives`: kind, count and bytes
+per device, inside the micro-batch loop or outside it. With fewer than 8 devices the mode
+runs in a child process on 8 forced CPU devices (``common.json_from_child``).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
-from jax.sharding import NamedSharding
+from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxaccum
 from benchmarks.common import json_from_child, machine_info, run_sharded
-from benchmarks.workloads import init_mlp, mlp_mse_loss
 
 DEVICES = 8
-WIDTHS = (512, 2048, 2048, 512)
-UNACCUMULATED = "FSDP, no accumulation"
-Layout = tuple[Any, Any, Callable[..., Any]]  # (mesh, train state, step function)
+KINDS = {"explicit": AxisType.Explicit, "auto": AxisType.Auto}
+STRATEGIES = ("per_microbatch", "gather_once")
 
 
-def _layouts(k: int, n: int) -> dict[str, Layout]:
-    """Every layout at ``k``: its mesh, its (sharded) train state and its step function."""
-    auto = jax.sharding.AxisType.Auto
-    devices = jax.devices()[:DEVICES]
-    flat = jax.make_mesh((DEVICES,), ("data",), axis_types=(auto,), devices=devices)
-    grid = jax.make_mesh(
-        (DEVICES // 2, 2), ("data", "model"), axis_types=(auto, auto), devices=devices
-    )
-    params = init_mlp(jax.random.key(0), WIDTHS)
-    tx = optax.adam(1e-3)
-
-    def specs(w: P) -> Any:  # one (weight, bias) spec per layer; biases replicated
-        return [(w, P()) for _ in params]
-
-    def place(mesh: Any, tree: Any, spec: Any) -> Any:
-        return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), tree, spec)
-
-    def plain(state: Any, b: Any) -> Any:
-        p, opt = state
-        updates, opt = tx.update(jax.grad(mlp_mse_loss)(p, b), opt, p)
-        return optax.apply_updates(p, updates), opt
-
-    def step(mesh: Any, spec: Any, **kw: Any) -> Layout:
-        built = jaxaccum.train_step(mlp_mse_loss, tx, k, data_axis="data", param_specs=spec, **kw)
-        return mesh, built.init(place(mesh, params, spec)), built.update
-
-    fsdp = specs(P("data"))
-    p_fsdp = place(flat, params, fsdp)
-    return {
-        "replicated DP": step(flat, specs(P())),
-        "FSDP per micro-batch": step(flat, fsdp, fsdp="per_microbatch"),
-        "FSDP gather once": step(flat, fsdp, fsdp="gather_once"),
-        "tensor parallel (4 x 2)": step(grid, specs(P(None, "model"))),
-        UNACCUMULATED: (flat, (p_fsdp, tx.init(p_fsdp)), plain),
-    }
+def _whole(w: jax.Array) -> jax.Array:
+    """One layer's weight, gathered where it is used."""
+    mesh = jax.typeof(w).sharding.mesh
+    if AxisType.Explicit in mesh.axis_types:
+        return jax.sharding.reshard(w, NamedSharding(mesh, P(None, None, reduced={"data"})))
+    return jax.lax.with_sharding_constraint(w, NamedSharding(mesh, P()))
 
 
-def _row(name: str, k: int, layout: Layout, n: int) -> dict[str, Any]:
-    """The memory and collectives of one layout's compiled step at ``k``."""
-    mesh, state, fn = layout
-    batch = {"x": jnp.ones((n, WIDTHS[0])), "y": jnp.ones((n, WIDTHS[-1]))}
-    b = jax.device_put(batch, NamedSharding(mesh, P("data")))
-    with jax.set_mesh(mesh):
-        plan = jaxaccum.inspect.plan_microbatches(
-            lambda _: fn, state, b, budget=2**62, ks=[k], donate_argnums=0
-        )
-        report = jaxaccum.inspect.collectives(jax.jit(fn, donate_argnums=0), state, b)
+def _pin(h: jax.Array) -> jax.Array:
+    mesh = jax.typeof(h).sharding.mesh
+    if AxisType.Explicit in mesh.axis_types:
+        return h
+    return jax.lax.with_sharding_constraint(h, NamedSharding(mesh, P("data")))
+
+
+@jax.checkpoint
+def _layer(h: jax.Array, w: jax.Array) -> tuple[jax.Array, None]:
+    return jnp.tanh(_pin(h) @ _whole(w)), None
+
+
+def stack_loss(params: Any, batch: Any) -> jax.Array:
+    """The scan-over-layers model's mean squared error."""
+    h, _ = jax.lax.scan(_layer, batch["x"], params["w"])
+    return jnp.mean((h - batch["y"]) ** 2)
+
+
+def whole_weights_loss(params: Any, batch: Any) -> jax.Array:
+    """Separate weights used whole: the compiler decides where to gather them."""
+    h = batch["x"]
+    for w in params:
+        h = jnp.tanh(h @ w)
+    return jnp.mean((h - batch["y"]) ** 2)
+
+
+def _abstract(shape: tuple[int, ...], mesh: Any, spec: P) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(shape, jnp.float32, sharding=NamedSharding(mesh, spec))
+
+
+def _row(name: str, k: int, fn: Callable[..., Any], args: tuple[Any, ...]) -> dict[str, Any]:
+    """The memory and collectives of ``fn``'s compiled program at ``k``."""
+    plan = jaxaccum.inspect.plan_microbatches(lambda _: fn, *args, budget=2**62, ks=[k])
+    report = jaxaccum.inspect.collectives(jax.jit(fn), *args)
     c = plan.candidates[0]
     return {
         "layout": name,
         "k": k,
+        "peak_bytes": c.peak_bytes,
+        "accumulator_bytes": c.accumulator_bytes,
         "argument_bytes": c.argument_bytes,
         "output_bytes": c.output_bytes,
         "temp_bytes": c.temp_bytes,
         "alias_bytes": c.alias_bytes,
-        "accumulator_bytes": c.accumulator_bytes,
-        "peak_bytes": c.peak_bytes,
         "collectives": [
             {"op": x.op, "bytes": x.bytes, "in_loop": x.in_loop} for x in report.collectives
         ],
     }
 
 
-def _rows(ks: Sequence[int], n: int) -> list[dict[str, Any]]:
-    """Every layout at every k; the unaccumulated step once, at the first k (as k = 1)."""
-    rows = []
-    for k in ks:
-        for name, layout in _layouts(k, n).items():
-            if name != UNACCUMULATED:
-                rows.append(_row(name, k, layout, n))
-            elif k == ks[0]:
-                rows.append(_row(name, 1, layout, n))
+def _stack_rows(kind: str, ks: Sequence[int], n: int, layers: int, width: int) -> list[Any]:
+    mesh = jax.make_mesh(
+        (DEVICES,), ("data",), axis_types=(KINDS[kind],), devices=jax.devices()[:DEVICES]
+    )
+    params = {"w": _abstract((layers, width, width), mesh, P(None, None, "data"))}
+    row = _abstract((n, width), mesh, P("data"))
+    args = (params, {"x": row, "y": row})
+    vg = jax.value_and_grad(stack_loss)
+    specs = {} if kind == "explicit" else {"in_specs": ({"w": P(None, None, "data")},)}
+    rows = [_row(f"{kind}: FSDP, no accumulation", 1, vg, args)]
+    for strategy in STRATEGIES:
+        for k in ks:
+            fn = jaxaccum.accumulate(vg, k, data_axis="data", fsdp=strategy, **specs)
+            rows.append(_row(f"{kind}: {strategy}", k, fn, args))
     return rows
 
 
-def collect(ks: Sequence[int], n: int) -> dict[str, Any]:
+def _whole_rows(k: int, n: int, layers: int, width: int) -> list[Any]:
+    mesh = jax.make_mesh(
+        (DEVICES,), ("data",), axis_types=(AxisType.Auto,), devices=jax.devices()[:DEVICES]
+    )
+    spec = P(None, "data")
+    params = [_abstract((width, width), mesh, spec)] * layers
+    row = _abstract((n, width), mesh, P("data"))
+    args = (params, {"x": row, "y": row})
+    vg = jax.value_and_grad(whole_weights_loss)
+    rows = [_row("auto, used whole: FSDP, no accumulation", 1, vg, args)]
+    for split in ("strided", "contiguous"):
+        fn = jaxaccum.accumulate(vg, k, data_axis="data", split=split, in_specs=([spec] * layers,))
+        rows.append(_row(f"auto, used whole: {split} split", k, fn, args))
+    return rows
+
+
+def collect(ks: Sequence[int], n: int, layers: int = 16, width: int = 1024) -> dict[str, Any]:
     """Runs in this process if it has 8 devices, else in a child process that does."""
     if jax.device_count() < DEVICES:
         args = ["--ks", ",".join(map(str, ks)), "--batch", str(n)]
+        args += ["--layers", str(layers), "--width", str(width)]
         return json_from_child("fsdp-memory", args, DEVICES, 1800)
+    whole_batch = max(n // 8, DEVICES * max(ks))
     return {
         "machine": machine_info(),
         "devices": DEVICES,
         "batch": n,
-        "widths": WIDTHS,
-        "rows": _rows(ks, n),
+        "layers": layers,
+        "width": width,
+        "param_bytes": layers * width * width * 4,
+        "whole_weights_batch": whole_batch,
+        "rows": [r for kind in KINDS for r in _stack_rows(kind, ks, n, layers, width)]
+        + _whole_rows(max(ks), whole_batch, layers, width),
     }
 
 
@@ -147,30 +169,31 @@ def _collectives(row: dict[str, Any]) -> str:
         text = ", ".join(
             f"{op} {count} × {_mib(size)}" for (op, size), count in sorted(groups.items())
         )
-        parts.append(("in loop: " if in_loop else "after/before: ") + (text or "none"))
+        parts.append(("in loop: " if in_loop else "outside: ") + (text or "none"))
     return "; ".join(parts)
 
 
 def markdown(result: dict[str, Any]) -> str:
-    """The table: per-device memory (MiB) and collectives of each layout."""
-    rows = result["rows"]
-    base = next(r["peak_bytes"] for r in rows if r["layout"] == UNACCUMULATED)
+    """The table: per-device peak against the unaccumulated step and the whole params."""
+    rows, whole = result["rows"], result["param_bytes"]
     lines = [
-        "| layout | k | arguments | outputs | temporaries | accumulator | peak | "
-        "peak ÷ unaccumulated FSDP | collectives (per-device bytes) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| model and mesh: strategy | k | peak (MiB) | ÷ unaccumulated | ÷ whole params | "
+        "accumulator (MiB) | collectives (per device; in the micro-batch loop or outside) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
+    base = 0
     for r in rows:
-        cells = [r[f"{c}_bytes"] / 2**20 for c in ("argument", "output", "temp", "accumulator")]
+        if "no accumulation" in r["layout"]:
+            base = r["peak_bytes"]
         lines.append(
-            f"| {r['layout']} | {r['k']} | "
-            + " | ".join(f"{c:.2f}" for c in cells)
-            + f" | {r['peak_bytes'] / 2**20:.2f} | {r['peak_bytes'] / base:.2f} | "
-            + f"{_collectives(r)} |"
+            f"| {r['layout']} | {r['k']} | {r['peak_bytes'] / 2**20:.2f} | "
+            f"{r['peak_bytes'] / base:.2f} | {r['peak_bytes'] / whole:.2f} | "
+            f"{r['accumulator_bytes'] / 2**20:.2f} | {_collectives(r)} |"
         )
     return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Runs the mode: prints the machine and the table, or with ``--json -`` only JSON."""
-    return run_sharded(args, DEVICES, collect, markdown)
+    collect_here = functools.partial(collect, layers=args.layers, width=args.width)
+    return run_sharded(args, DEVICES, collect_here, markdown)

@@ -3,8 +3,8 @@
 The suite's three workloads, each a :class:`Workload`:
 
 * ``mlp``: a ReLU MLP (784 → 1024 → 1024 → 10 at full size), mean softmax cross-entropy.
-  The other modes use the same MLP (``builders``, ``multisteps``, ``collectives``; the
-  ``fsdp-memory`` mode with other widths and :func:`mlp_mse_loss`).
+  The other modes use the same MLP (``builders``, ``multisteps``, ``collectives``;
+  ``fsdp-memory`` has models of its own).
 * ``cnn``: 3x3 convolutions, each followed by BatchNorm, ReLU and 2x2 max-pooling, then a
   dense classifier (flax linen). The BatchNorm running statistics (``batch_stats``) are
   state: the loss takes them and returns their update, so accumulation has to carry them
@@ -33,7 +33,7 @@ Params = Any
 Batch = dict[str, jax.Array]
 Scale = Literal["smoke", "quick", "full"]
 MODELS = ("mlp", "cnn", "transformer")
-MLP_WIDTHS = (784, 1024, 1024, 10)  # the MLP of every mode but fsdp-memory
+MLP_WIDTHS = (784, 1024, 1024, 10)  # the MLP of every mode that has one
 
 # Per scale and model: the model's shape and N, the examples in one effective step.
 # "full" batches are divisible by 32 (the largest k); "quick" by 8; "smoke" by 2.
@@ -124,11 +124,6 @@ def mlp_loss(params: list[tuple[jax.Array, jax.Array]], batch: Batch) -> jax.Arr
     """Mean softmax cross-entropy of the MLP over the examples of ``batch``."""
     logp = jax.nn.log_softmax(mlp_apply(params, batch["x"]))
     return -jnp.mean(jnp.take_along_axis(logp, batch["y"][:, None], axis=1))
-
-
-def mlp_mse_loss(params: list[tuple[jax.Array, jax.Array]], batch: Batch) -> jax.Array:
-    """Mean squared error of the MLP's outputs against ``batch["y"]`` (a regression)."""
-    return jnp.mean((mlp_apply(params, batch["x"]) - batch["y"]) ** 2)
 
 
 def mlp_batch(key: jax.Array, n: int, features: int, classes: int) -> Batch:

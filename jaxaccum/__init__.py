@@ -8,11 +8,11 @@ from jaxaccum._loss_scale import LossScaleState as LossScaleState
 from jaxaccum._multisteps import MultiStepsState as MultiStepsState
 from jaxaccum._multisteps import flush as flush
 from jaxaccum._multisteps import multi_steps as multi_steps
+from jaxaccum._parallel import FSDP as FSDP
+from jaxaccum._parallel import DataAxis as DataAxis
 from jaxaccum._reduce import Reduce as Reduce
 from jaxaccum._reduce import ReduceContext as ReduceContext
 from jaxaccum._reduce import Reduction as Reduction
-from jaxaccum._sharding import FSDP as FSDP
-from jaxaccum._sharding import DataAxis as DataAxis
 from jaxaccum._split import Split as Split
 from jaxaccum._split import pad_batch as pad_batch
 from jaxaccum._train import NonFinite as NonFinite

@@ -2,60 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend import core as jcore
 
-from jaxaccum import _args, _checks, _cpu_conv, _devices, _layouts, _reduce, _sharding, _split
+from jaxaccum import _args, _checks, _cpu_conv, _parallel, _reduce, _split
 from jaxaccum._args import ArgRef, BoundCall
-from jaxaccum._devices import Local
-from jaxaccum._sharding import FSDP, DataAxis
+from jaxaccum._parallel import FSDP, DataAxis, Placement, Totals
 from jaxaccum._split import Split
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 SCOPE = "jaxaccum.accumulate"
-
-
-def _check_carry(before: dict[str, Any], after: dict[str, Any]) -> None:
-    """Raises if the carried state coming out of step_fn differs in structure or type.
-
-    Both maps go from a carried argument's label to its (abstract) value.
-    """
-    # PyTreeDef comes from jaxlib without annotations that mypy can resolve.
-    s_before: Any = jax.tree.structure(before)
-    s_after: Any = jax.tree.structure(after)
-    if s_before != s_after:
-        raise ValueError(
-            "step_fn returned carried state with a different structure from what it "
-            f"received:\n  received: {s_before}\n  returned: {s_after}\nReturn "
-            "(outputs, new_state) where new_state has the structure of the carried argument(s)."
-        )
-    changed = [
-        f"{path}: {a.shape} {a.dtype} -> {b.shape} {b.dtype}"
-        for label in before
-        for path, a, b in _split.changed_leaves(before[label], after[label], label)
-    ]
-    if changed:
-        raise ValueError(
-            "carried state changed shape or dtype between micro-batches (lax.scan needs a "
-            "fixed carry): " + "; ".join(changed) + ". Cast the new state back in step_fn, "
-            "e.g. new.astype(old.dtype)."
-        )
-
-
-def _check_weight(shape: Any) -> None:
-    if not (
-        hasattr(shape, "shape") and shape.shape == () and jnp.issubdtype(shape.dtype, jnp.number)
-    ):
-        got = f"shape {shape.shape} dtype {shape.dtype}" if hasattr(shape, "shape") else shape
-        raise ValueError(
-            f"weight_fn must return one real scalar per micro-batch (e.g. mask.sum()), got {got}."
-        )
 
 
 def accumulate(
@@ -76,7 +40,7 @@ def accumulate(
     data_axis: DataAxis | None = None,
     mesh: jax.sharding.Mesh | None = None,
     axis_name: DataAxis | None = None,
-    fsdp: FSDP | str = FSDP.PER_MICROBATCH,
+    fsdp: FSDP | str | None = None,
     in_specs: Sequence[Any] | None = None,
     in_axes: int | Sequence[int] = 0,
     num_real_microbatches: int | jax.Array | None = None,
@@ -93,12 +57,11 @@ def accumulate(
     Accumulate the gradient function, do not differentiate the accumulated function:
     ``jax.grad(accumulate(loss, k))`` keeps every micro-batch's residuals alive.
 
-    The loop body calls ``step_fn`` on the micro-batch as a hand-written ``lax.scan``
-    would, with the micro-batch's whole abstract type (its sharding on Explicit mesh
-    axes, its varying axes inside ``shard_map``); ``step_fn`` is traced twice per
-    compilation (once for the output types, once in the loop; ``data_axis`` with sharded
-    arguments adds an abstract pass that finds the gradients' output specs, and a CPU
-    convolution rewrite one more trace). When the default backend is the CPU,
+    ``step_fn`` is traced once per compilation, on micro-batch 0 with its whole abstract
+    type (its sharding on Explicit mesh axes, its varying axes inside ``shard_map``), and
+    the loop body runs that trace: the program holds what a hand-written ``lax.scan``
+    calling ``step_fn`` would. ``data_axis`` on Explicit mesh axes traces it once more,
+    with parameters typed ``reduced`` (below). When the default backend is the CPU,
     convolutions XLA:CPU would run slowly inside a loop (those not in NHWC/HWIO layout,
     such as the weight gradient of an ordinary convolution) are compiled in that layout
     between transposes for the CPU only; what other backends compile is the plain loop.
@@ -136,33 +99,39 @@ def accumulate(
         keeps one micro-batch's activations alive and program size and compile time
         independent of k; with u > 1 XLA keeps about u micro-batches' activations alive
         at once, giving back the memory accumulation is for.
-      data_axis: mesh axis name(s) over which the batch's leading axis is sharded. The
-        accumulation then runs under ``jax.shard_map``: each device scans its own k
-        micro-batches of N/(k·devices) examples with no communication, and every output
-        is combined over the devices once, after the loop (one all-reduce per step
-        instead of one per micro-batch). Floating outputs are averaged over devices like
-        micro-batches (weighted with ``weight_fn``), SUM and integer outputs summed,
-        MAX/MIN taken over devices; carried floating state is averaged over devices after
-        the loop; micro-batch j's key is also folded with the device index. Arguments
-        replicated over the data axes stay so. Arguments sharded over them (FSDP params)
-        are gathered as ``fsdp`` says, and an output with the structure and shapes of
-        such an argument (its gradient) is reduce-scattered back into its sharding.
-        Other mesh axes (tensor parallelism) stay under the compiler's control.
-      mesh: the ``jax.sharding.Mesh`` for ``data_axis``; default: the mesh set with
-        ``jax.set_mesh``.
-      axis_name: axis name(s) already bound by the caller: ``accumulate`` is called
-        inside the caller's ``jax.shard_map`` or ``jax.pmap`` over them. Each device
-        runs its own loop and the outputs are combined over the axes once, after it,
-        with the semantics of ``data_axis``; non-batch arguments are marked varying so
-        that ``jax.grad`` inside the step does not sum them at every micro-batch.
-        Exclusive with ``data_axis``.
-      fsdp: with ``data_axis``, how arguments sharded over the data axes are gathered:
-        ``"per_microbatch"`` (default) or ``"gather_once"``; see :data:`jaxaccum.FSDP`.
-      in_specs: with ``data_axis``, a ``PartitionSpec`` prefix per positional argument
-        (batch positions ignored), saying which arguments are sharded over the data
-        axes. Default: read from each argument's type, which carries it on meshes with
-        Explicit axes (``jax.make_mesh``'s default); traced arrays on Auto axes carry no
-        placement and are taken as replicated unless given here.
+      data_axis: the mesh axis name(s) the batch's example axis is sharded over. The step
+        then sees global types, as under ``jax.jit`` alone (its own ``reshard``,
+        ``reduced`` annotations and sharding constraints keep working), each micro-batch
+        is sharded over the data axes like the batch, and the result equals one device's.
+        On Explicit axes (``jax.make_mesh``'s default) a floating argument replicated
+        over the data axes reaches the step typed ``reduced`` over them wherever its uses
+        take that type (``dot_general`` does; in jax 0.10 a convolution or a bias added
+        to a sharded batch does not), so its gradient is each device's partial sum, added
+        up locally and reduced once after the loop: an all-reduce into the argument's
+        layout, a reduce-scatter into a sharded one. Other arguments' gradients are
+        reduced where the step computes them, as in a hand-written loop; on Auto axes the
+        compiler places every reduction (inside the loop), and jaxaccum pins each
+        micro-batch to the data axes and each gradient's accumulator to its parameter's
+        layout. Arguments sharded over the data axes (FSDP) are handled as ``fsdp`` says.
+      mesh: the ``jax.sharding.Mesh`` for ``data_axis``; default: the mesh of the
+        arguments' types, or the one set with ``jax.set_mesh``.
+      axis_name: axis name(s) bound by the caller: ``accumulate`` is called inside the
+        caller's ``jax.shard_map`` or ``jax.pmap`` over them. Each device runs its own
+        loop on its own examples and every output is combined over the axes once, after
+        it: floating outputs averaged over devices like micro-batches (weighted with
+        ``weight_fn``), SUM and integer outputs summed, MAX/MIN taken over devices,
+        carried floating state averaged; micro-batch j's key is also folded with the
+        device index. Plain arguments are marked varying, so that ``jax.grad`` inside the
+        step does not sum them over the devices at every micro-batch. Exclusive with
+        ``data_axis``.
+      fsdp: with ``data_axis``, what happens to arguments sharded over the data axes:
+        ``"per_microbatch"`` (the default: nothing is gathered by jaxaccum) or
+        ``"gather_once"``; see :data:`jaxaccum.FSDP`. Refused without ``data_axis``.
+      in_specs: with ``data_axis`` on Auto mesh axes, a ``PartitionSpec`` prefix per
+        positional argument (batch positions ignored) giving the layouts of traced
+        arguments, whose types do not carry them there: a gradient's accumulator is kept
+        in its parameter's layout. On Explicit axes the types carry the layouts, and a
+        spec given must agree with its argument's type.
       in_axes: the example axis of the batch arguments: one int for all, or one per
         batch argument (``batch_argnums`` then ``batch_argnames``), e.g. 1 for
         time-major ``(T, N, ...)`` batches. The axis is split in place by a free reshape
@@ -268,6 +237,44 @@ def accumulate(
     if weight_fn is not None and not callable(weight_fn):
         raise TypeError(f"weight_fn must be callable, got {type(weight_fn).__name__}.")
     spec = _reduce.spec_members(reduce)
+    roles = _roles(
+        step_fn,
+        batch_argnums,
+        batch_argnames,
+        carry_argnums,
+        carry_argnames,
+        rng_argnums,
+        rng_argnames,
+    )
+    opts = _parallel.options(data_axis, mesh, axis_name, fsdp, in_specs)
+    axes = _checks.check_in_axes(in_axes, len(roles["batch"]))
+    num_real = _checks.check_num_real(num_real_microbatches, k)
+    plain = all(r is None or _reduce.is_builtin(r, *_reduce.PER_STEP) for r in spec)
+    if k == 1 and plain and opts is None and num_real is None and not roles["rng"]:
+        return step_fn
+    config = _Config(roles, k, weight_fn, reduce, split, accum, unroll, axes)
+
+    @functools.wraps(step_fn)
+    def accumulated(*args: Any, **kwargs: Any) -> Any:
+        call = BoundCall(args, kwargs)
+        with _parallel.mesh_of((args, kwargs)), jax.named_scope(SCOPE):
+            batch_axes = _split.axes_of({r.label: None for r in roles["batch"]}, axes)
+            place = _parallel.placement(opts, call, roles, k=k, split=split, in_axes=batch_axes)
+            return _run(step_fn, call, config, place, num_real)
+
+    return accumulated  # type: ignore[return-value]
+
+
+def _roles(
+    step_fn: Callable[..., Any],
+    batch_argnums: Any,
+    batch_argnames: Any,
+    carry_argnums: Any,
+    carry_argnames: Any,
+    rng_argnums: Any,
+    rng_argnames: Any,
+) -> dict[str, tuple[ArgRef, ...]]:
+    """The batch, carried and key arguments of ``step_fn`` (checked)."""
     nums = _args.as_tuple(() if batch_argnums is None else batch_argnums, "batch_argnums", int)
     if batch_argnums is None and not batch_argnames:
         nums = (1,)
@@ -289,47 +296,324 @@ def accumulate(
     if not roles["batch"]:
         raise ValueError("no batch argument: give batch_argnums= or batch_argnames=.")
     _args.check_disjoint(roles)
-    dp = _sharding.data_parallel(data_axis, mesh, axis_name, fsdp, in_specs)
-    axes = _checks.check_in_axes(in_axes, len(roles["batch"]))
-    num_real = _checks.check_num_real(num_real_microbatches, k)
-    plain = all(r is None or _reduce.is_builtin(r, *_reduce.PER_STEP) for r in spec)
-    if k == 1 and plain and dp is None and num_real is None and not roles["rng"]:
-        return step_fn
-    run = functools.partial(
-        _run,
-        step_fn,
-        roles=roles,
-        k=k,
-        weight_fn=weight_fn,
-        reduce=reduce,
-        split=split,
-        accum_dtype=accum,
-        unroll=unroll,
-        in_axes=axes,
+    return roles
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    """``accumulate``'s checked options."""
+
+    roles: dict[str, tuple[ArgRef, ...]]
+    k: int
+    weight_fn: Callable[..., Any] | None
+    reduce: Any
+    split: Split
+    accum_dtype: np.dtype | None
+    unroll: int | bool
+    in_axes: tuple[int, ...]
+
+
+class _Leaf(NamedTuple):
+    """One output leaf: how it is reduced, and where its accumulator goes after the loop.
+
+    Attributes:
+      r: its reduction.
+      ctx: the reduction's context; ``ctx.out`` is the type ``update`` is given.
+      path: ``output['loss']`` and the like, for messages.
+      aval: the leaf's type as the step returns it.
+      linear: whether the reduction is a sum (which takes ``unreduced`` values).
+      target: the layout the placement gives its accumulator after the loop, or None.
+    """
+
+    r: _reduce.Reduction
+    ctx: _reduce.ReduceContext
+    path: str
+    aval: Any
+    linear: bool
+    target: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class _Traced:
+    """The step on one micro-batch, traced once; calling it evaluates the trace.
+
+    Attributes:
+      closed: the trace, taking the plain arguments' array leaves, the views of the batch,
+        the carried state and the micro-batch index.
+      tree: the structure of its outputs ``(outputs, new_state, weight)``.
+      leaves: the plain arguments' array leaves it was traced with.
+      rewrite: whether the CPU gets its convolutions in canonical layout.
+    """
+
+    closed: Any
+    tree: Any
+    leaves: list[Any]
+    rewrite: bool
+
+    @property
+    def avals(self) -> Any:
+        return jax.tree.unflatten(self.tree, self.closed.out_avals)
+
+    def __call__(self, views: Any, state: Any, j: Any) -> Any:
+        operands = [*self.leaves, *jax.tree.leaves((views, state, j))]
+        if self.rewrite:
+            outs = _cpu_conv.evaluate(self.closed, operands)
+        else:
+            outs = jcore.jaxpr_as_fun(self.closed)(*operands)
+        # An output the trace holds as a constant comes back as a Python number.
+        return jax.tree.unflatten(self.tree, [jnp.asarray(x) for x in outs])
+
+
+def _trace(
+    step_fn: Callable[..., Any],
+    config: _Config,
+    call: BoundCall,
+    place: Placement,
+    inputs: tuple[Any, ...],
+) -> _Traced:
+    """Traces the step on micro-batch 0, then again with the placement's retyped leaves.
+
+    ``inputs`` are the views of the batch, their index axes, each batch argument's example
+    axis, the keys and the carried state.
+    """
+    views, axes, examples, keys, state = inputs
+    plain = _args.plain_refs(call, config.roles)
+    values = [call.get(ref, "argument") for ref in plain]
+    flat, structure = jax.tree.flatten(values)
+    dynamic = [i for i, x in enumerate(flat) if isinstance(x, jax.Array)]
+
+    def one(leaves: list[Any], views: Any, state: Any, j: Any) -> Any:
+        """Micro-batch j: the user's step called on it, as a hand-written loop would."""
+        full = list(flat)
+        for i, x in zip(dynamic, leaves, strict=True):
+            full[i] = x
+        given = dict(zip(plain, jax.tree.unflatten(structure, full), strict=True))
+        inputs = (views, axes, examples, keys, state, j)
+        return _call_step(step_fn, config, call, place, given, inputs)
+
+    def traced(leaves: list[Any]) -> _Traced:
+        closed, shapes = jax.make_jaxpr(one, return_shape=True)(leaves, views, state, jnp.int32(0))
+        rewrite = (
+            config.k > 1
+            and jax.default_backend() == "cpu"
+            and _cpu_conv.needs_rewrite(closed.jaxpr)
+        )
+        return _Traced(closed, jax.tree.structure(shapes), leaves, rewrite)
+
+    first = traced([flat[i] for i in dynamic])
+    retyped = place.retype(first.leaves, first.closed.jaxpr)
+    if retyped is None:
+        return first
+    try:
+        return traced(retyped)
+    except Exception:  # a type the step does not take after all: its gradients as traced
+        return first
+
+
+def _call_step(
+    step_fn: Callable[..., Any],
+    config: _Config,
+    call: BoundCall,
+    place: Placement,
+    given: dict[ArgRef, Any],
+    inputs: tuple[Any, ...],
+) -> tuple[Any, tuple[Any, ...], Any]:
+    """``step_fn`` on micro-batch ``j``: ``(outputs, new_state, weight)``."""
+    views, axes, examples, keys, state, j = inputs
+    refs = config.roles
+    # Views pass through jax tracing as a dict, which sorts its keys: read by label.
+    index = place.microbatch(_split.index(views, j, axes), examples)
+    mb = [index[ref.label] for ref in refs["batch"]]
+    values: dict[ArgRef, Any] = dict(given)
+    values.update(zip(refs["batch"], mb, strict=True))
+    values.update(zip(refs["carry"], state, strict=True))
+    values.update(
+        (ref, jax.random.fold_in(key, j)) for ref, key in zip(refs["rng"], keys, strict=True)
+    )
+    args, kwargs = call.replaced(values)
+    result = step_fn(*args, **kwargs)
+    if refs["carry"]:
+        out, new_state = _unpack_state(result, len(refs["carry"]))
+    else:
+        out, new_state = result, ()
+    w = None if config.weight_fn is None else config.weight_fn(*mb)
+    return _check_outputs(out), new_state, w
+
+
+def _run(
+    step_fn: Callable[..., Any],
+    call: BoundCall,
+    config: _Config,
+    place: Placement,
+    num_real: Any,
+) -> Any:
+    """The micro-batch loop: split, trace the step, reduce its outputs, finish."""
+    refs = config.roles
+    batch = {ref.label: call.get(ref, "batch") for ref in refs["batch"]}
+    state = tuple(call.get(ref, "carry") for ref in refs["carry"])
+    keys = tuple(call.get(ref, "rng") for ref in refs["rng"])
+    for ref, key in zip(refs["rng"], keys, strict=True):
+        _checks.check_key(key, ref.describe("rng"))
+    examples = _split.axes_of(batch, config.in_axes)
+    views, axes = _split.microbatches(batch, config.k, config.split, examples)
+    # The views keep each device's examples where they are: (N/k, k) or (k, N/k) at the
+    # example axis, with the N/k examples of a micro-batch laid out over the devices.
+    presplit = config.split == Split.PRESPLIT
+    views = place.microbatch(views, {label: a + presplit for label, a in examples.items()})
+    inputs = (views, axes, examples, place.keys(keys), state)
+    step = _trace(step_fn, config, place.prepare(call), place, inputs)
+    out_avals, state_avals, w_aval = step.avals
+    labels = [ref.label for ref in refs["carry"]]
+    _check_carry(
+        dict(zip(labels, jax.eval_shape(lambda s: s, state), strict=True)),
+        dict(zip(labels, state_avals, strict=True)),
+    )
+    if config.weight_fn is not None:
+        _check_weight(w_aval)
+    state = jax.tree.map(_parallel.typed_like, state, state_avals)
+    leaves, treedef = _plan(config, place, call, out_avals)
+    w_dtype = _reduce.weight_dtype(config.accum_dtype, [leaf.aval for leaf in leaves])
+    keep_ws = w_aval is not None and place.weights_kept
+    carry = (
+        [_init(leaf, place) for leaf in leaves],
+        state,
+        _weight_zeros((), w_dtype, w_aval),
+        _weight_zeros((config.k,), w_dtype, w_aval) if keep_ws else None,
+        jnp.int32(0),
     )
 
-    @functools.wraps(step_fn)
-    def accumulated(*args: Any, **kwargs: Any) -> Any:
-        call = BoundCall(args, kwargs)
-        if dp is not None and not dp.bound:
-            return _devices.run_sharded(run, call, roles, k, split, dp, SCOPE, axes, num_real)
-        with jax.named_scope(SCOPE):
-            if dp is None:
-                return run(call, num_real=num_real)
-            local = _devices.bound(dp)
-            return run(_devices.varying(call, roles, dp.axes), local=local, num_real=num_real)
+    def body(carry: Any) -> Any:
+        # The micro-batch index j is carried (not scanned over an arange): the slices
+        # fused into the step's ops then read it directly, as a scan over xs would.
+        accs, state, w_sum, ws, j = carry
+        out, new_state, w = step(views, state, j)
+        w = None if w is None else jnp.asarray(w).astype(w_dtype)
+        accs = [
+            place.pin(
+                leaf.r.update(acc, _value(x, leaf, place), leaf.ctx._replace(index=j, weight=w)),
+                leaf.target,
+            )
+            for leaf, acc, x in zip(leaves, accs, treedef.flatten_up_to(out), strict=True)
+        ]
+        if w is not None:
+            w_sum = w_sum + jnp.where(w > 0, w, 0)
+        if ws is not None:
+            ws = jax.lax.dynamic_update_index_in_dim(ws, w, j, 0)
+        return accs, new_state, w_sum, ws, j + 1
 
-    return accumulated  # type: ignore[return-value]
+    count, carry = _loop(body, carry, num_real, config)
+    accs, state, w_sum, ws, _ = carry
+    totals = Totals(count, w_sum if w_aval is not None else None, ws, state)
+    outs, state = place.finish(leaves, accs, totals)
+    out = treedef.unflatten(outs)
+    if not refs["carry"]:
+        return out
+    return out, state[0] if len(refs["carry"]) == 1 else state
 
 
-def _typed(x: jax.Array, aval: Any) -> jax.Array:
-    """``x`` with the sharding type (Explicit axes) and varying axes of ``aval``."""
-    sharding = getattr(aval, "sharding", None)
-    mesh = getattr(sharding, "mesh", None)
-    spec = getattr(sharding, "spec", None)
-    if mesh is not None and not mesh.empty and _layouts.explicit_in(spec, mesh):
-        x = jax.sharding.reshard(x, sharding)
-    return _join_varying(x, aval)
+def _value(x: Any, leaf: _Leaf, place: Placement) -> Any:
+    """A micro-batch's output leaf as its reduction takes it: a sum takes it in the layout
+    of its accumulator, anything else reduced over the data axes first."""
+    return place.pin(x, leaf.target) if leaf.linear else place.before(x, leaf.aval)
+
+
+def _weight_zeros(shape: tuple[int, ...], dtype: Any, w_aval: Any) -> jax.Array:
+    zeros = jnp.zeros(shape, dtype)
+    if w_aval is None:
+        return zeros
+    return _parallel.typed_like(zeros, w_aval) if shape == () else _typed_carry(zeros, w_aval)
+
+
+def _loop(
+    body: Callable[[Any], Any], carry: Any, num_real: Any, config: _Config
+) -> tuple[Any, Any]:
+    """Runs ``body`` over the micro-batches that run; returns their count and the carry.
+
+    All k (or a concrete m < k) run as a scan, a traced m as a while loop, one without a
+    loop at all (a length-1 scan can cost more than the step itself).
+    """
+    count: Any = config.k if num_real is None else num_real
+    if isinstance(count, jax.Array):
+        # Early stop at a traced m (possibly batched under vmap): a while loop with a
+        # dynamic bound, as lax.fori_loop builds. Not reverse-differentiable, like any.
+        count = jnp.clip(count.astype(jnp.int32), 0, config.k)
+        return count, jax.lax.while_loop(lambda c: c[-1] < count, body, carry)
+    if count == 1:
+        return count, body(carry)
+    if count > 1:
+        scanned = jax.lax.scan(
+            lambda c, _: (body(c), None), carry, None, length=count, unroll=config.unroll
+        )
+        carry = scanned[0]
+    return count, carry
+
+
+def _plan(
+    config: _Config, place: Placement, call: BoundCall, out_avals: Any
+) -> tuple[list[_Leaf], Any]:
+    """One :class:`_Leaf` per output leaf, and the structure to flatten outputs with."""
+    base = _reduce.ReduceContext(
+        None, config.k, config.accum_dtype, config.split, config.weight_fn is not None
+    )
+    reductions = _reduce.resolve(config.reduce, out_avals, base)
+    is_r = lambda x: isinstance(x, _reduce.Reduction)  # noqa: E731
+    treedef: Any
+    flat, treedef = jax.tree_util.tree_flatten_with_path(reductions, is_leaf=is_r)
+    avals = treedef.flatten_up_to(out_avals)
+    linear = [_reduce.is_builtin(r, *_reduce.LINEAR) for _, r in flat]
+    targets = place.targets(out_avals, linear, call)
+    leaves = []
+    for (path, r), aval, summed, target in zip(flat, avals, linear, targets, strict=True):
+        value = aval if summed else place.value_aval(aval)
+        leaf = _Leaf(
+            r, base._replace(out=value), "output" + jax.tree_util.keystr(path), aval, summed, target
+        )
+        leaves.append(leaf)
+    return leaves, treedef
+
+
+def _init(leaf: _Leaf, place: Placement) -> Any:
+    """A leaf's accumulator before the first micro-batch, typed like what it holds."""
+    acc = jax.tree.map(lambda x: _typed_carry(x, leaf.ctx.out), leaf.r.init(leaf.ctx.out, leaf.ctx))
+    _check_reduction_carry(leaf, acc)
+    return place.pin(acc, leaf.target)
+
+
+def _check_carry(before: dict[str, Any], after: dict[str, Any]) -> None:
+    """Raises if the carried state coming out of step_fn differs in structure or type.
+
+    Both maps go from a carried argument's label to its (abstract) value.
+    """
+    # PyTreeDef comes from jaxlib without annotations that mypy can resolve.
+    s_before: Any = jax.tree.structure(before)
+    s_after: Any = jax.tree.structure(after)
+    if s_before != s_after:
+        raise ValueError(
+            "step_fn returned carried state with a different structure from what it "
+            f"received:\n  received: {s_before}\n  returned: {s_after}\nReturn "
+            "(outputs, new_state) where new_state has the structure of the carried argument(s)."
+        )
+    changed = [
+        f"{path}: {a.shape} {a.dtype} -> {b.shape} {b.dtype}"
+        for label in before
+        for path, a, b in _split.changed_leaves(before[label], after[label], label)
+    ]
+    if changed:
+        raise ValueError(
+            "carried state changed shape or dtype between micro-batches (lax.scan needs a "
+            "fixed carry): " + "; ".join(changed) + ". Cast the new state back in step_fn, "
+            "e.g. new.astype(old.dtype)."
+        )
+
+
+def _check_weight(shape: Any) -> None:
+    if not (
+        hasattr(shape, "shape") and shape.shape == () and jnp.issubdtype(shape.dtype, jnp.number)
+    ):
+        got = f"shape {shape.shape} dtype {shape.dtype}" if hasattr(shape, "shape") else shape
+        raise ValueError(
+            f"weight_fn must return one real scalar per micro-batch (e.g. mask.sum()), got {got}."
+        )
 
 
 def _check_outputs(out: Any) -> Any:
@@ -347,208 +631,38 @@ def _check_outputs(out: Any) -> Any:
     return jax.tree_util.tree_map_with_path(one, out)
 
 
-def _run(
-    step_fn: Callable[..., Any],
-    call: BoundCall,
-    *,
-    roles: dict[str, tuple[ArgRef, ...]],
-    k: int,
-    weight_fn: Callable[..., Any] | None,
-    reduce: Any,
-    split: Split,
-    accum_dtype: np.dtype | None,
-    unroll: int | bool,
-    in_axes: tuple[int, ...],
-    num_real: Any,
-    local: Local | None = None,
-) -> Any:
-    """The micro-batch loop; with ``local`` it runs per device and combines after the loop."""
-    batch_refs, carry_refs, rng_refs = roles["batch"], roles["carry"], roles["rng"]
-    batch = {ref.label: call.get(ref, "batch") for ref in batch_refs}
-    state = tuple(call.get(ref, "carry") for ref in carry_refs)
-    keys = tuple(call.get(ref, "rng") for ref in rng_refs)
-    for ref, key in zip(rng_refs, keys, strict=True):
-        _checks.check_key(key, ref.describe("rng"))
-    views, axes = _split.microbatches(batch, k, split, _split.axes_of(batch, in_axes))
-    if local is not None and keys:
-        device = _sharding.device_index(local.axes)
-        keys = tuple(jax.random.fold_in(key, device) for key in keys)
-    gather_in_loop = local is not None and local.splits() and not local.gathered
-
-    def one(views: Any, state: tuple[Any, ...], j: Any) -> tuple[Any, Any, Any]:
-        """Micro-batch j: the user's step called on it, as a hand-written loop would."""
-        # Views pass through jax tracing as a dict, which sorts its keys: read by label.
-        index = _split.index(views, j, axes)
-        mb = [index[ref.label] for ref in batch_refs]
-        step_call = local.gather(call, j) if gather_in_loop and local is not None else call
-        values = dict(zip(batch_refs, mb, strict=True))
-        values.update(zip(carry_refs, state, strict=True))
-        values.update(
-            (ref, jax.random.fold_in(key, j)) for ref, key in zip(rng_refs, keys, strict=True)
-        )
-        args, kwargs = step_call.replaced(values)
-        result = step_fn(*args, **kwargs)
-        if carry_refs:
-            out, new_state = _unpack_state(result, len(carry_refs))
-        else:
-            out, new_state = result, ()
-        out = _check_outputs(out)
-        w = None if weight_fn is None else weight_fn(*mb)
-        return out, new_state, w
-
-    # The step's output types, traced on micro-batch 0 with its whole abstract type.
-    closed, shapes = jax.make_jaxpr(one, return_shape=True)(views, state, jnp.int32(0))
-    avals = jax.tree.unflatten(jax.tree.structure(shapes), closed.out_avals)
-    out_avals, state_avals, w_aval = avals
-    labels = [ref.label for ref in carry_refs]
-    _check_carry(
-        dict(zip(labels, jax.eval_shape(lambda s: s, state), strict=True)),
-        dict(zip(labels, state_avals, strict=True)),
-    )
-    if weight_fn is not None:
-        _check_weight(w_aval)
-    state = jax.tree.map(_join_varying, state, state_avals)
-    base = _reduce.ReduceContext(None, k, accum_dtype, split, weight_fn is not None)
-    reductions = _reduce.resolve(reduce, out_avals, base)
-    treedef: Any
-    is_r = lambda x: isinstance(x, _reduce.Reduction)  # noqa: E731
-    flat_r, treedef = jax.tree.flatten(reductions, is_leaf=is_r)
-    flat_avals = treedef.flatten_up_to(out_avals)
-    paths = [
-        "output" + jax.tree_util.keystr(path)
-        for path, _ in jax.tree_util.tree_flatten_with_path(reductions, is_leaf=is_r)[0]
-    ]
-    ctxs = [base._replace(out=a) for a in flat_avals]
-    flat_lay = _devices.out_layouts(local, call, out_avals, flat_r, treedef)
-    scatter_now = [lay is not None and lay.split and gather_in_loop for lay in flat_lay]
-    accs = [
-        _layouts.constrain(
-            jax.tree.map(
-                lambda x, a=a: _typed_carry(x, a),
-                r.init(_devices.shard_shape(a, lay if now else None), c),
-            ),
-            lay,
-        )
-        for r, a, c, lay, now in zip(flat_r, flat_avals, ctxs, flat_lay, scatter_now, strict=True)
-    ]
-    for r, a, c, acc, path in zip(flat_r, flat_avals, ctxs, accs, paths, strict=True):
-        _check_reduction_carry(r, a, c, acc, path)
-    w_dtype = _reduce.weight_dtype(accum_dtype, flat_avals)
-    w_init = jnp.zeros((), w_dtype) if w_aval is None else _typed(jnp.zeros((), w_dtype), w_aval)
-    # Every micro-batch's weight, for combining outputs over devices (LAST, STACK).
-    keep_ws = w_aval is not None and local is not None
-    ws_init = _typed(jnp.zeros((k,), w_dtype), w_aval) if keep_ws else None
-    # XLA:CPU runs convolutions slowly inside a loop unless they are in one layout; the
-    # CPU backend gets the loop body with them rewritten (see _cpu_conv). Elsewhere, and
-    # for every step without such convolutions, the body calls the step as it is.
-    rewrite = k > 1 and jax.default_backend() == "cpu" and _cpu_conv.needs_rewrite(closed.jaxpr)
-
-    def body(carry: Any) -> Any:
-        # The micro-batch index j is carried (not scanned over an arange): the slices
-        # fused into the step's ops then read it directly, as a scan over xs would.
-        accs, state, w_sum, ws, j = carry
-        if rewrite:
-            out, new_state, w = _cpu_conv.call(one, views, state, j)
-        else:
-            out, new_state, w = one(views, state, j)
-        w = None if w is None else jnp.asarray(w).astype(w_dtype)
-        flat_out = treedef.flatten_up_to(out)
-        accs = [
-            _layouts.constrain(
-                _devices.update(r, a, x, c._replace(index=j, weight=w), lay if now else None),
-                lay,
-            )
-            for r, a, x, c, lay, now in zip(
-                flat_r, accs, flat_out, ctxs, flat_lay, scatter_now, strict=True
-            )
-        ]
-        if w is not None:
-            w_sum = w_sum + jnp.where(w > 0, w, 0)
-        if ws is not None:
-            ws = jax.lax.dynamic_update_index_in_dim(ws, w, j, 0)
-        return accs, new_state, w_sum, ws, j + 1
-
-    carry = (accs, state, w_init, ws_init, jnp.int32(0))
-    count: Any = k if num_real is None else num_real
-    if isinstance(count, jax.Array):
-        # Early stop at a traced m (possibly batched under vmap): a while loop with a
-        # dynamic bound, as lax.fori_loop builds. Not reverse-differentiable, like any.
-        count = jnp.clip(count.astype(jnp.int32), 0, k)
-        carry = jax.lax.while_loop(lambda c: c[-1] < count, body, carry)
-    elif count == 1:  # no loop at all: a length-1 scan can cost more than the step itself
-        carry = body(carry)
-    elif count > 1:  # all k, or a concrete m < k: a scan of that length
-        carry = jax.lax.scan(
-            lambda c, _: (body(c), None), carry, None, length=count, unroll=unroll
-        )[0]
-    accs, state, w_sum, ws, _ = carry
-    # An output reduced without ``combine`` is finished per device and aggregated here.
-    done: dict[int, Any] = {}
-    if local is not None:
-        devices = local.devices
-        for i, (r, a, c, lay, now) in enumerate(
-            zip(flat_r, accs, ctxs, flat_lay, scatter_now, strict=True)
-        ):
-            dev = c._replace(weights=ws, axes=local.axes, count=count)
-            if now:
-                accs[i] = _devices.replicas(a, lay, local.axes)
-            elif r.combine is not None:
-                accs[i] = _devices.combine(r, a, dev, lay)
-            else:
-                mine = r.finalize(a, c._replace(count=count, weight_sum=w_sum))
-                done[i] = _devices.aggregate(r, mine, local.axes, paths[i])
-        # Devices inside a caller's shard_map may each have run their own number.
-        traced = isinstance(count, jax.Array)
-        count = jax.lax.psum(count, local.axes) if traced else count * devices
-        if weight_fn is not None:
-            w_sum = jax.lax.psum(w_sum, local.axes)
-        state = _sharding.combine_state(state, local.axes)
-    out_flat = [
-        done[i] if i in done else r.finalize(a, c._replace(count=count, weight_sum=w_sum))
-        for i, (r, a, c) in enumerate(zip(flat_r, accs, ctxs, strict=True))
-    ]
-    out = treedef.unflatten(out_flat)
-    result = out if not carry_refs else (out, state[0] if len(carry_refs) == 1 else state)
-    if local is not None:
-        state_leaves = len(jax.tree.leaves(result)) - len(out_flat)
-        local.out_layouts = list(flat_lay) + [None] * state_leaves
-    return result
-
-
 def _typed_carry(x: jax.Array, aval: Any) -> jax.Array:
     """A reduction's carry leaf typed like the output it reduces: the output's sharding
     for a leaf of its shape, with a leading unsharded axis for a stacked ``(k, ...)``
     buffer, and only the varying axes for anything else."""
     if x.shape == aval.shape:
-        return _typed(x, aval)
+        return _parallel.typed_like(x, aval)
     sharding: Any = getattr(aval, "sharding", None)
     spec = getattr(sharding, "spec", None)
     if x.shape[1:] == aval.shape and spec is not None:
-        stacked = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(None, *spec))
-        return _typed(x, aval.update(shape=x.shape, sharding=stacked))
-    return _join_varying(x, aval)
+        stacked = jax.sharding.NamedSharding(
+            sharding.mesh, spec.update(partitions=(None, *spec.partitions))
+        )
+        return _parallel.typed_like(x, aval.update(shape=x.shape, sharding=stacked))
+    return _parallel.base.vary(x, _parallel.base.varying_axes(aval))
 
 
-def _check_reduction_carry(r: Any, out: Any, ctx: Any, carry: Any, path: str) -> None:
+def _check_reduction_carry(leaf: _Leaf, carry: Any) -> None:
     """Raises unless a user-defined reduction's ``update`` keeps its carry's type."""
-    if isinstance(r, _reduce._Summed) or any(r is b for b in _reduce.BUILTIN.values()):
+    r, ctx = leaf.r, leaf.ctx
+    if any(r is b for b in _reduce.BUILTIN.values()):
         return
     step = ctx._replace(index=jnp.int32(0), weight=jnp.float32(1))
-    after = jax.eval_shape(lambda c, x: r.update(c, x, step), carry, out)
+    after = jax.eval_shape(lambda c, x: r.update(c, x, step), carry, ctx.out)
     before = jax.eval_shape(lambda c: c, carry)
     types = lambda t: jax.tree.map(lambda v: (v.shape, v.dtype), t)  # noqa: E731
     s_after: Any = jax.tree.structure(after)  # PyTreeDef: no annotations mypy resolves
     if s_after != jax.tree.structure(before) or types(after) != types(before):
         raise TypeError(
-            f"reduction {r.name} at {path}: update returned a carry of type {types(after)}, "
-            f"but init made {types(before)}; the carry must keep its structure, shapes and "
-            "dtypes (cast in update, e.g. new.astype(old.dtype))."
+            f"reduction {r.name} at {leaf.path}: update returned a carry of type "
+            f"{types(after)}, but init made {types(before)}; the carry must keep its "
+            "structure, shapes and dtypes (cast in update, e.g. new.astype(old.dtype))."
         )
-
-
-def _join_varying(x: Any, aval: Any) -> Any:
-    """``x`` made as varying as ``aval`` (e.g. initial carried state as the returned one)."""
-    return _devices.vary(x, _devices.varying_axes(aval))
 
 
 def _unpack_state(result: Any, n: int) -> tuple[Any, tuple[Any, ...]]:

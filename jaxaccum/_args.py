@@ -177,3 +177,9 @@ class BoundCall:
             else:
                 kwargs[key] = value
         return args, kwargs
+
+
+def plain_refs(call: BoundCall, roles: dict[str, tuple[ArgRef, ...]]) -> tuple[ArgRef, ...]:
+    """The arguments of ``call`` that have no role (neither batch, carried state nor key)."""
+    taken = {call.locate(ref, role) for role, refs in roles.items() for ref in refs}
+    return tuple(ref for ref in call.refs() if ref not in taken)

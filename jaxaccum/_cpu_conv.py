@@ -42,7 +42,7 @@ from jax.extend.core import primitives
 from jax.interpreters import ad, batching, mlir
 from jax.interpreters import partial_eval as pe
 
-__all__ = ["call", "cpu_layout_p", "needs_rewrite"]
+__all__ = ["call", "cpu_layout_p", "evaluate", "needs_rewrite"]
 
 _CONV = primitives.conv_general_dilated_p
 # Primitives rebound with their jaxpr parameters rewritten (calls, remat, control flow).
@@ -234,8 +234,9 @@ def call(fn: Callable[..., Any], *args: Any) -> Any:
     Meant for a loop body (``lax.scan``, ``lax.while_loop``), where XLA:CPU does not
     canonicalise convolutions itself. ``fn`` is traced to a jaxpr; if that holds a
     non-canonical convolution the rewrite reaches, the result is computed by one
-    :data:`cpu_layout_p` equation holding it, otherwise ``fn(*args)`` is called (so ``fn``
-    runs twice in Python then). Outside any trace it is just ``fn(*args)``.
+    :data:`cpu_layout_p` equation holding it, otherwise the trace's own equations are
+    evaluated (``fn`` runs once in Python either way). Outside any trace it is just
+    ``fn(*args)``.
 
     Args:
       fn: the function, as it would be called in the loop body.
@@ -271,13 +272,20 @@ def call(fn: Callable[..., Any], *args: Any) -> Any:
 
     dynamic = [leaves[i] for i in where]
     closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*dynamic)
-    operands = [*closed.consts, *dynamic]
-    plain = _lift_consts(closed)
-    cpu = _cpu_version(plain, operands)
-    if cpu is None:
-        return fn(*args)
-    outs = cpu_layout_p.bind(*operands, jaxpr=plain, cpu_jaxpr=cpu)
+    outs = evaluate(closed, dynamic)
     return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
+
+
+def evaluate(closed: Any, operands: Sequence[Any]) -> list[Any]:
+    """What ``closed`` computes on ``operands``, with convolutions in canonical layout when
+    lowered for XLA:CPU (one :data:`cpu_layout_p` equation), or the plain equations where
+    the rewrite does not reach."""
+    inputs = [*closed.consts, *operands]
+    plain = _lift_consts(closed)
+    cpu = _cpu_version(plain, inputs)
+    if cpu is None:
+        return list(jcore.jaxpr_as_fun(closed)(*operands))
+    return list(cpu_layout_p.bind(*inputs, jaxpr=plain, cpu_jaxpr=cpu))
 
 
 def _impl(*args: Any, jaxpr: Any, cpu_jaxpr: Any) -> list[Any]:

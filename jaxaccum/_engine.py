@@ -18,11 +18,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxaccum import _checks, _loss_scale, _options, _reduce, _sharding
+from jaxaccum import _checks, _loss_scale, _options, _parallel, _reduce
 from jaxaccum._accumulate import accumulate
 from jaxaccum._loss_scale import DynamicLossScale, LossScaleState
+from jaxaccum._parallel import FSDP, DataAxis
 from jaxaccum._reduce import Reduce
-from jaxaccum._sharding import FSDP, DataAxis
 from jaxaccum._split import Split, check_split
 
 
@@ -101,7 +101,7 @@ class Engine:
     data_axis: DataAxis | None
     mesh: jax.sharding.Mesh | None
     axis_name: DataAxis | None
-    fsdp: FSDP
+    fsdp: FSDP | None
     param_specs: Any
 
 
@@ -119,7 +119,7 @@ def configure(
     data_axis: DataAxis | None,
     mesh: jax.sharding.Mesh | None,
     axis_name: DataAxis | None,
-    fsdp: FSDP | str,
+    fsdp: FSDP | str | None,
     param_specs: Any,
 ) -> Engine:
     """Checks a train step's options at once; ``call`` shows how ``loss_fn`` is called."""
@@ -134,9 +134,7 @@ def configure(
                 "is an overflow, so the step is skipped and the scale lowered."
             )
     _checks.check_unroll(unroll)
-    _sharding.data_parallel(
-        data_axis, mesh, axis_name, fsdp, None if param_specs is None else (param_specs,)
-    )
+    _parallel.options(data_axis, mesh, axis_name, fsdp, param_specs, specs_name="param_specs")
     return Engine(
         k,
         weight_fn,
@@ -148,7 +146,7 @@ def configure(
         data_axis,
         mesh,
         axis_name,
-        FSDP.parse(fsdp, "fsdp"),
+        None if fsdp is None else FSDP.parse(fsdp, "fsdp"),
         param_specs,
     )
 
@@ -223,7 +221,23 @@ def run(
     k including 1. ``consts`` reach every micro-batch unchanged (traced values must travel
     as arguments: a ``shard_map`` over Explicit axes cannot close over them).
     """
-    e = engine
+    with _parallel.mesh_of((core.params, batch)):  # no jax.set_mesh needed
+        return _run(engine, tx, core, batch, forward, key, consts, after, reduce, finish, commit)
+
+
+def _run(
+    e: Engine,
+    tx: optax.GradientTransformation,
+    core: Core,
+    batch: Any,
+    forward: Forward,
+    key: jax.Array | None,
+    consts: Any,
+    after: After,
+    reduce: Any,
+    finish: Finish | None,
+    commit: Commit | None,
+) -> tuple[Any, TrainMetrics]:
     scale = jnp.float32(1.0) if core.loss_scale is None else core.loss_scale.scale
     keys = () if key is None else (jax.random.fold_in(key, core.step),)
 
@@ -255,7 +269,7 @@ def run(
         in_specs=None if e.param_specs is None else (e.param_specs,),
     )
     args = (core.params, batch, core.carry, consts, scale, *keys)
-    out, carry = bind_unbound_axes(accumulated, args, e.data_axis or e.axis_name)
+    out, carry = bind_unbound_axes(accumulated, args, e.axis_name)
     result = finish_step(out, scale, core.params, e)
     if finish is not None:
         carry = finish(out["extra"], carry)
@@ -313,13 +327,21 @@ def micro_outputs(
     weight, in float32) and whether the micro-batch is counted (under ``"drop"``, a
     non-finite one is not).
     """
-    finite = _all_finite(grads) & jnp.isfinite(loss)
+    # Under "skip" a non-finite gradient makes the summed gradient non-finite, which
+    # finish_step sees; only "drop" needs each micro-batch's own verdict (one scalar
+    # reduction per micro-batch where the gradient is unreduced).
+    finite = jnp.isfinite(loss)
+    if engine.nonfinite == NonFinite.DROP:
+        finite = finite & _parallel.all_finite(grads)
     keep = finite | (engine.nonfinite == NonFinite.SKIP)
     counted = jnp.where(keep & (w > 0), w, 0.0)
+
+    def weigh(g: jax.Array) -> jax.Array:
+        scaled = _parallel.times(g.astype(jnp.float32), counted)
+        return jnp.where(counted > 0, scaled, jnp.zeros_like(scaled))
+
     outputs = {
-        "grads": jax.tree.map(
-            lambda g: jnp.where(counted > 0, g.astype(jnp.float32) * counted, 0.0), grads
-        ),
+        "grads": jax.tree.map(weigh, grads),
         "loss_sum": jnp.where(counted > 0, loss.astype(jnp.float32) * counted, 0.0),
         "weight": counted,
         "losses": loss.astype(jnp.float32),

@@ -14,7 +14,7 @@ from jax.extend import core as jex_core
 from jaxaccum import _args, _checks, _split
 from jaxaccum._accumulate import SCOPE
 from jaxaccum._memory import MemoryStats
-from jaxaccum._sharding import FSDP
+from jaxaccum._parallel import FSDP
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,7 +184,7 @@ def _nbytes(aval: Any, sharding: Any = None) -> int:
             for n, size, t in zip(mesh.axis_names, mesh.axis_sizes, mesh.axis_types, strict=True)
             if t != manual
         }
-        for dim, entry in enumerate(spec):
+        for dim, entry in enumerate(getattr(spec, "partitions", spec)):
             names = entry if isinstance(entry, tuple) else (entry,)
             shape[dim] //= math.prod(sizes.get(n, 1) for n in names if isinstance(n, str))
     return math.prod(shape) * int(aval.dtype.itemsize)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxaccum import _layouts, _options
+from jaxaccum import _options, _parallel
 
 
 class Reduce(_options.Option):
@@ -150,17 +150,6 @@ class Reduction:
         return found
 
 
-@dataclasses.dataclass(frozen=True, eq=False, repr=False)
-class _Summed(Reduction):
-    """A built-in whose carry is a sum of per-micro-batch contributions.
-
-    ``contribution`` lets a sharded gradient be reduce-scattered into its shard as it is
-    added (FSDP), which a general ``update`` cannot.
-    """
-
-    contribution: Callable[[Any, ReduceContext, Any], Any] = lambda x, ctx, dtype: x
-
-
 def accum_dtype(dtype: Any, accum: Any) -> np.dtype:
     """The running-sum dtype of a floating leaf (its own with ``accum`` None)."""
     dtype = np.dtype(dtype)
@@ -279,7 +268,7 @@ def _unsplit(acc: jax.Array, ctx: ReduceContext) -> jax.Array:
     """Stacked ``(k, n, ...)`` outputs back in the batch's example order ``(k·n, ...)``."""
     if ctx.split == "strided":
         acc = jnp.swapaxes(acc, 0, 1)  # rows sharded by type stay major: a free merge
-    elif _layouts.explicit_entry(acc, 1) is not None:
+    elif _parallel.base.explicit_entry(acc, 1) is not None:
         # Micro-batch-major order interleaves the devices' rows: gather them first.
         spec = jax.typeof(acc).sharding.spec
         acc = jax.sharding.reshard(acc, jax.sharding.PartitionSpec(*spec[:1], None, *spec[2:]))
@@ -309,12 +298,8 @@ def _sum_combine(acc: jax.Array, ctx: ReduceContext) -> jax.Array:
 def _weigh(x: jax.Array, ctx: ReduceContext, dtype: Any) -> jax.Array:
     w = ctx.weight
     wide = jnp.promote_types(dtype, w.dtype)  # a float32 weight is not cast down first
-    value = (x.astype(wide) * w.astype(wide)).astype(dtype)
+    value = _parallel.times(x.astype(wide), w.astype(wide)).astype(dtype)
     return jnp.where(w > 0, value, jnp.zeros_like(value))
-
-
-def _plain(x: jax.Array, ctx: ReduceContext, dtype: Any) -> jax.Array:
-    return x.astype(dtype)
 
 
 def _if_any_ran(acc: jax.Array, ctx: ReduceContext) -> jax.Array:
@@ -328,10 +313,10 @@ def _concat_combine(acc: jax.Array, ctx: ReduceContext) -> jax.Array:
     """Every device's ``(k, n, ...)`` rows gathered so that ``_unsplit`` gives the global
     example order: the batch is sharded in blocks of examples, split per device."""
     if ctx.split == "contiguous":  # device d's micro-batches are one block: d-major
-        return jax.lax.all_gather(acc, ctx.axes, axis=0, tiled=True)
+        return _parallel.gather(acc, ctx.axes, axis=0, tiled=True)
     # strided: local row i of micro-batch j is the device's example i*k + j; presplit:
     # the devices hold column blocks of every micro-batch. Both gather along the rows.
-    return jax.lax.all_gather(acc, ctx.axes, axis=1, tiled=True)
+    return _parallel.gather(acc, ctx.axes, axis=1, tiled=True)
 
 
 def _extreme_builtin(name: str, largest: bool) -> Reduction:
@@ -348,7 +333,7 @@ def _extreme_builtin(name: str, largest: bool) -> Reduction:
 
 
 BUILTIN: dict[Reduce, Reduction] = {
-    Reduce.MEAN: _Summed(
+    Reduce.MEAN: Reduction(
         init=_zeros,
         update=lambda acc, x, ctx: acc + x.astype(acc.dtype),
         finalize=lambda acc, ctx: _cast(_divide(acc, ctx.count), ctx),
@@ -356,9 +341,8 @@ BUILTIN: dict[Reduce, Reduction] = {
         combine=_psum,
         check=_need_float("MEAN"),
         name="MEAN",
-        contribution=_plain,
     ),
-    Reduce.WEIGHTED_MEAN: _Summed(
+    Reduce.WEIGHTED_MEAN: Reduction(
         init=_zeros,
         update=lambda acc, x, ctx: acc + _weigh(x, ctx, acc.dtype),
         finalize=lambda acc, ctx: _cast(_divide(acc, ctx.weight_sum), ctx),
@@ -366,16 +350,14 @@ BUILTIN: dict[Reduce, Reduction] = {
         combine=_psum,
         check=_need_float("WEIGHTED_MEAN"),
         name="WEIGHTED_MEAN",
-        contribution=_weigh,
     ),
-    Reduce.SUM: _Summed(
+    Reduce.SUM: Reduction(
         init=_zeros,
         update=_sum_update,
         finalize=_cast,
         aggregate=lambda v: jnp.any(v, axis=0) if v.dtype == jnp.bool_ else jnp.sum(v, axis=0),
         combine=_sum_combine,
         name="SUM",
-        contribution=_plain,
     ),
     Reduce.MAX: _extreme_builtin("MAX", largest=True),
     Reduce.MIN: _extreme_builtin("MIN", largest=False),
@@ -406,6 +388,9 @@ BUILTIN: dict[Reduce, Reduction] = {
     ),
 }
 
+
+LINEAR = (Reduce.MEAN, Reduce.WEIGHTED_MEAN, Reduce.SUM)
+"""Built-ins that add up their outputs, so that they take ``unreduced`` values as they are."""
 
 PER_STEP = (Reduce.MEAN, Reduce.WEIGHTED_MEAN, Reduce.SUM, Reduce.MAX, Reduce.MIN, Reduce.LAST)
 """Built-ins for which one micro-batch (k = 1) reduces to the step's own output."""

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxaccum import _layouts, _options
+from jaxaccum import _options, _parallel
 
 
 class Split(_options.Option):
@@ -197,7 +197,7 @@ def microbatches(
 def _check_contiguous(tree: Any, axis: int, label: str) -> None:
     """Raises if a contiguous split would have to move a batch sharded by its type."""
     for path, leaf in leaves_with_paths(tree, label):
-        entry = _layouts.explicit_entry(leaf, axis)
+        entry = _parallel.base.explicit_entry(leaf, axis)
         if entry is not None:
             raise ValueError(
                 f"split='contiguous' cannot cut batch leaf {path}, whose example axis is "

@@ -17,12 +17,12 @@ import jax.numpy as jnp
 from flax import struct
 from flax.training import train_state
 
-from jaxaccum import _bn, _checks, _engine, _options, _split
+from jaxaccum import _bn, _checks, _docs, _engine, _options, _split
 from jaxaccum._bn import BatchNormMode
 from jaxaccum._engine import NonFinite, TrainMetrics, TrainStep
 from jaxaccum._nnx import nnx_train_step as nnx_train_step
+from jaxaccum._parallel import FSDP, DataAxis
 from jaxaccum._reduce import Reduce
-from jaxaccum._sharding import FSDP, DataAxis
 from jaxaccum._split import Split
 
 __all__ = [
@@ -181,6 +181,7 @@ def _teaching(err: Exception, names: Sequence[str]) -> Exception:
     )
 
 
+@_docs.data_parallel_args
 def train_step(
     loss_fn: Callable[..., Any],
     k: int,
@@ -196,7 +197,7 @@ def train_step(
     data_axis: DataAxis | None = None,
     mesh: jax.sharding.Mesh | None = None,
     axis_name: DataAxis | None = None,
-    fsdp: FSDP | str = FSDP.PER_MICROBATCH,
+    fsdp: FSDP | str | None = None,
     param_specs: Any = None,
 ) -> TrainStep:
     """Builds a Flax train step: k micro-batches, then one ``apply_gradients``, in one call.
@@ -225,23 +226,7 @@ def train_step(
       split: how the batch is split; see :data:`jaxaccum.Split`.
       unroll: micro-batches per loop iteration (see :func:`jaxaccum.accumulate`; u > 1
         keeps about u micro-batches' activations alive).
-      data_axis: mesh axis name(s) the batch is sharded over: each device accumulates
-        its own micro-batches and the gradient is all-reduced once per step, after the
-        loop (see :func:`jaxaccum.accumulate`). The update then runs on the combined
-        gradient under the params' own sharding.
-      mesh: the mesh for ``data_axis`` (default: the one set with ``jax.set_mesh``).
-      axis_name: mesh or ``pmap`` axis name(s) already bound by the caller (inside its
-        ``jax.shard_map`` or ``jax.pmap``, e.g. Flax's ImageNet example's ``"batch"``):
-        each device accumulates its own micro-batches and every output (and BatchNorm
-        statistic) is combined over the axis once, after the loop, with the semantics of
-        ``data_axis``. Exclusive with ``data_axis``.
-      fsdp: with ``data_axis``, how parameters sharded over the data axis are handled,
-        ``"per_microbatch"`` (default) or ``"gather_once"``; see :data:`jaxaccum.FSDP`.
-        The gradient is reduce-scattered and the update runs in the params' sharding.
-      param_specs: with ``data_axis``, the params' ``PartitionSpec`` (a pytree prefix of
-        the params). Default: read from the params' types, which carry it on meshes
-        with Explicit axes (``jax.make_mesh``'s default); on Auto axes a traced array
-        carries no placement, so pass it there to keep FSDP params sharded.
+      <data-parallel args>
 
     Returns:
       A :class:`jaxaccum.TrainStep` ``(init, update)``, callable as ``update``.

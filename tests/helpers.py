@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import functools
 import os
 import pathlib
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 from typing import Any
+from xml.etree import ElementTree
 
 import flax.linen as nn
 import jax
@@ -115,7 +117,27 @@ def require_devices(n: int) -> int:
     return n
 
 
-EIGHT_DEVICE_CHECKS = ("sharded_checks.py", "collectives_checks.py", "mesh_checks.py")
+EIGHT_DEVICE_CHECKS = (
+    "data_axis_checks.py",
+    "fsdp_checks.py",
+    "mesh_checks.py",
+    "collectives_checks.py",
+)
+HERE = pathlib.Path(__file__).resolve().parent
+
+
+def eight_device_checks() -> list[str]:
+    """``file::function`` of every check in the 8-device files, read without importing them
+    (importing would start XLA:CPU with the wrong device count)."""
+    found = []
+    for name in EIGHT_DEVICE_CHECKS:
+        tree = ast.parse((HERE / name).read_text())
+        found += [
+            f"{name}::{node.name}"
+            for node in tree.body
+            if isinstance(node, ast.FunctionDef) and node.name.startswith("test_")
+        ]
+    return found
 
 
 class EightDeviceRun:
@@ -123,7 +145,8 @@ class EightDeviceRun:
 
     XLA:CPU fixes its device count when the backend starts, so these files run in a fresh
     interpreter started with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``. Their
-    output goes to a temporary file (a pipe could fill up and stall them).
+    output goes to a temporary file (a pipe could fill up and stall them), and the outcome
+    of every case to a JUnit XML report, read back per check by :meth:`outcomes`.
     """
 
     def __init__(self) -> None:
@@ -132,27 +155,55 @@ class EightDeviceRun:
             env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
         ).strip()
         env["JAX_PLATFORMS"] = "cpu"
+        self.dir = tempfile.TemporaryDirectory()
+        self.report = pathlib.Path(self.dir.name) / "report.xml"
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
-        # Open for the run's lifetime; result() reads and closes it.
+        cmd += ["--junitxml", str(self.report), "-o", "junit_family=xunit1"]
+        # Open for the run's lifetime; wait() reads and closes it.
         self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115
-        here = pathlib.Path(__file__).resolve().parent
         self.proc = subprocess.Popen(
             [*cmd, *EIGHT_DEVICE_CHECKS],
-            cwd=here,
+            cwd=HERE,
             env=env,
             stdout=self.log,
             stderr=subprocess.STDOUT,
             text=True,
         )
+        self.done: tuple[int, str, dict[str, list[tuple[str, str]]]] | None = None
 
-    def result(self, timeout: float) -> tuple[int, str]:
-        """Waits for the run (killing it after ``timeout`` s); its exit code and output."""
-        try:
-            code = self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            code = self.proc.wait()
-        self.log.seek(0)
-        output = self.log.read()
-        self.log.close()
-        return code, output
+    def wait(self, timeout: float) -> tuple[int, str, dict[str, list[tuple[str, str]]]]:
+        """Waits for the run (killing it after ``timeout`` s) once; then returns its exit
+        code, its output, and per ``file::function`` each case's ``(name, failure)``
+        (failure "" when the case passed, "skipped" when it was skipped)."""
+        if self.done is None:
+            try:
+                code = self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                code = self.proc.wait()
+            self.log.seek(0)
+            output = self.log.read()
+            self.log.close()
+            self.done = code, output, self._cases()
+        return self.done
+
+    def _cases(self) -> dict[str, list[tuple[str, str]]]:
+        cases: dict[str, list[tuple[str, str]]] = {}
+        if not self.report.is_file():
+            return cases
+        for case in ElementTree.parse(self.report).getroot().iter("testcase"):
+            module = case.get("file") or (case.get("classname", "") + ".py")
+            name = case.get("name", "")
+            check = f"{pathlib.Path(module).name}::{name.split('[')[0]}"
+            failure = next(
+                (
+                    "skipped"
+                    if child.tag == "skipped"
+                    else (child.text or child.get("message", ""))
+                    for child in case
+                    if child.tag in ("failure", "error", "skipped")
+                ),
+                "",
+            )
+            cases.setdefault(check, []).append((name, failure))
+        return cases

@@ -19,7 +19,6 @@ nothing.
 from __future__ import annotations
 
 import functools
-import itertools
 from typing import Any
 
 import jax
@@ -432,124 +431,6 @@ def test_pmap_optax_train_step_equals_one_device(adam_run):
     assert replica_spread(state.params) == 0.0
 
 
-# --- FSDP: memory and communication of the two strategies (compiled, nothing run) ------
-
-WIDTHS = (256, 1024, 1024, 256)
-BIG_N = 1024
-
-
-def big_inputs(mesh: jax.sharding.Mesh) -> tuple[Any, Any]:
-    """Abstract FSDP params (every leaf's first axis over ``"data"``) and a sharded batch."""
-
-    def sharded(*shape: int) -> jax.ShapeDtypeStruct:
-        return jax.ShapeDtypeStruct(shape, jnp.float32, sharding=NamedSharding(mesh, P("data")))
-
-    params = [{"w": sharded(a, b), "b": sharded(b)} for a, b in itertools.pairwise(WIDTHS)]
-    return params, {"x": sharded(BIG_N, WIDTHS[0]), "y": sharded(BIG_N, WIDTHS[-1])}
-
-
-def mse(params: Any, batch: Any) -> jax.Array:
-    x = batch["x"]
-    for i, layer in enumerate(params):
-        x = x @ layer["w"] + layer["b"]
-        x = jax.nn.relu(x) if i < len(params) - 1 else x
-    return jnp.mean((x - batch["y"]) ** 2)
-
-
-def plain_fsdp_step(state: jaxaccum.TrainState, batch: Any) -> jaxaccum.TrainState:
-    """The FSDP Adam step without accumulation: params gathered where used, as
-    explicit-sharding users write it, the gradient left to the compiler."""
-
-    def loss(params: Any) -> jax.Array:
-        return mse(jax.tree.map(lambda w: unsharded_over(w, "data"), params), batch)
-
-    updates, opt_state = ADAM.update(jax.grad(loss)(state.params), state.opt_state, state.params)
-    return state._replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state)
-
-
-def peak(stats: jaxaccum.inspect.MemoryStats) -> int:
-    return stats.argument_bytes + stats.output_bytes + stats.temp_bytes - stats.alias_bytes
-
-
-def big_step(k: int, fsdp: str) -> Any:
-    return jaxaccum.train_step(mse, ADAM, k, data_axis="data", fsdp=fsdp)
-
-
-def test_fsdp_per_microbatch_memory_falls_with_k_below_the_plain_step():
-    """Per-device peak (arguments + outputs + temporaries - aliased, state donated): at k=8
-    no more than the FSDP step without accumulation, falling with k, below gather_once."""
-    mesh = make_mesh("explicit", "fsdp")
-    params, batch = big_inputs(mesh)
-    state = jax.eval_shape(big_step(1, "per_microbatch").init, params)
-    steps = {
-        "plain": plain_fsdp_step,
-        **{("per_microbatch", k): big_step(k, "per_microbatch").update for k in (2, 4, 8)},
-        ("gather_once", 8): big_step(8, "gather_once").update,
-    }
-    with jax.set_mesh(mesh):
-        peaks = {
-            name: peak(
-                jaxaccum.inspect.compiled_memory(jax.jit(fn, donate_argnums=0), state, batch)
-            )
-            for name, fn in steps.items()
-        }
-    per_microbatch = [peaks["per_microbatch", k] for k in (2, 4, 8)]
-    assert per_microbatch[2] <= peaks["plain"], peaks
-    assert per_microbatch == sorted(per_microbatch, reverse=True), peaks
-    assert peaks["gather_once", 8] > peaks["per_microbatch", 8], peaks
-
-
-@pytest.mark.parametrize("fsdp", ["per_microbatch", "gather_once"])
-def test_fsdp_gathers_and_reduce_scatters_where_the_strategy_says(fsdp):
-    """per_microbatch: all-gathers and reduce-scatters in the loop; gather_once: once each,
-    outside it."""
-    mesh = make_mesh("explicit", "fsdp")
-    params, batch = big_inputs(mesh)
-    with jax.set_mesh(mesh):
-        step = big_step(8, fsdp)
-        state = jax.eval_shape(step.init, params)
-        report = jaxaccum.inspect.collectives(jax.jit(step.update, donate_argnums=0), state, batch)
-    where = report.in_loop if fsdp == "per_microbatch" else report.outside_loop
-    elsewhere = report.outside_loop if fsdp == "per_microbatch" else report.in_loop
-    moved = {
-        op: sum(c.bytes for c in where if c.op == op) for op in ("all-gather", "reduce-scatter")
-    }
-    # every parameter gathered whole, every gradient leaf reduce-scattered to its shard
-    assert moved == {"all-gather": nbytes(params), "reduce-scatter": nbytes(params) // DEVICES}
-    assert not any(c.op in moved for c in elsewhere), report
-    # and never all-reduced in full and sliced: only scalars are all-reduced
-    smallest = min(x.size * 4 for x in jax.tree.leaves(params))
-    assert all(c.bytes < smallest for c in report.collectives if c.op == "all-reduce"), report
-
-
-def test_plan_counts_the_per_device_accumulator():
-    """Both strategies planned at once: the accumulator is one device's, a gradient shard
-    for per_microbatch, a whole gradient for gather_once."""
-    mesh = make_mesh("explicit", "fsdp")
-    params, batch = big_inputs(mesh)
-    state = jax.eval_shape(big_step(1, "per_microbatch").init, params)
-    with jax.set_mesh(mesh):
-        plan = jaxaccum.inspect.plan_microbatches(
-            lambda k, fsdp: big_step(k, fsdp).update,
-            state,
-            batch,
-            budget=2**40,
-            ks=(8,),
-            donate_argnums=0,
-            compile_all=True,
-            strategies=("per_microbatch", "gather_once"),
-        )
-    grads = nbytes(params)  # float32, like the accumulator
-    # the loop also carries the loss sum (f32), the weight sum (f32), the all-finite flag
-    # (bool), the micro-batch index (int32) and the k per-micro-batch losses (STACK, f32)
-    scalars = 4 + 4 + 1 + 4 + 8 * 4
-    accumulators = {c.strategy: c.accumulator_bytes for c in plan.candidates}
-    assert accumulators == {
-        "per_microbatch": grads // DEVICES + scalars,
-        "gather_once": grads + scalars,
-    }, plan
-
-
 # --- errors ----------------------------------------------------------------------------
 
 
@@ -569,31 +450,6 @@ def test_mesh_without_the_axis_lists_its_axes():
     fn = jaxaccum.accumulate(jax.value_and_grad(mean_loss), K, data_axis="batch", mesh=mesh)
     with pytest.raises(ValueError, match=r"\['batch'\] are not axes.*\['data', 'model'\]"):
         fn(fresh_params(), shard_batch(digits_batch(N), mesh))
-
-
-@pytest.mark.parametrize(
-    ("data_axis", "spec", "match"),
-    [
-        ("data", P(("data", "model")), "mixes the data axes"),
-        (("data", "model"), P("data", "model"), "more than one dimension"),
-    ],
-    ids=["data-and-model-on-one-dimension", "data-axes-on-two-dimensions"],
-)
-def test_param_layout_the_loop_cannot_gather_names_the_leaf_and_the_fix(data_axis, spec, match):
-    """A dimension split over the data axis and another axis, or the data axes (here
-    ``("data", "model")``, as one axis cannot shard two dimensions) over two dimensions."""
-    mesh = make_mesh("explicit", "tp")
-    params = fresh_params()
-    kernel = params["params"]["Dense_0"]["kernel"]
-    params["params"]["Dense_0"]["kernel"] = jax.device_put(kernel, NamedSharding(mesh, spec))
-    fn = jaxaccum.accumulate(jax.value_and_grad(mesh_loss), 2, data_axis=data_axis)
-    batch = jax.device_put(digits_batch(N), NamedSharding(mesh, P(data_axis)))
-    leaf = r"\['params'\]\['Dense_0'\]\['kernel'\]"
-    with (
-        jax.set_mesh(mesh),
-        pytest.raises(ValueError, match=rf"{leaf}.*{match}.*P\('data', None\)"),
-    ):
-        fn(params, batch)
 
 
 def test_axis_name_outside_shard_map_or_pmap():
@@ -637,9 +493,9 @@ def test_nnx_step_inside_shard_map_with_axis_name_equals_one_device(adam_run, ax
 
 @pytest.mark.parametrize("where", ["jit", "shard_map"])
 def test_the_step_sees_the_micro_batch_with_its_whole_type(where):
-    """Every trace of the step (for the output types and in the loop) gets a micro-batch
-    typed like the batch: sharded over ``"data"`` on an Explicit mesh under ``jax.jit``,
-    varying over ``"data"`` inside the caller's ``shard_map``."""
+    """The step's one trace (the loop runs it) gets a micro-batch typed like the batch:
+    sharded over ``"data"`` on an Explicit mesh under ``jax.jit``, varying over ``"data"``
+    inside the caller's ``shard_map``."""
     mesh = make_mesh("explicit", "replicated")
     seen: list[Any] = []
 
@@ -654,7 +510,7 @@ def test_the_step_sees_the_micro_batch_with_its_whole_type(where):
     params = place(fresh_params(), mesh, layout_specs(fresh_params(), "replicated"))
     with jax.set_mesh(mesh):
         jax.jit(fn).trace(params, shard_batch(digits_batch(N), mesh))
-    assert len(seen) == 2, seen
+    assert len(seen) == 1, seen
     for aval in seen:
         if where == "jit":
             assert aval.sharding.spec[0] == "data", aval
@@ -764,41 +620,25 @@ ROOT_SUM_SQUARES = jaxaccum.Reduction(
 
 
 @pytest.mark.parametrize("axis_type", list(AXIS_TYPES))
-def test_parity_features_with_data_axis(axis_type):
-    """``num_real_microbatches`` (traced), CONCAT (global example order), a user
-    reduction without ``combine`` (gathered and aggregated) and ``in_axes=1``, under
-    ``data_axis`` on 8 devices, against one-device references."""
+def test_parity_features_with_data_axis_equal_one_device(axis_type):
+    """``num_real_microbatches`` (traced), CONCAT (the batch's example order), a user
+    reduction and ``in_axes=1`` under ``data_axis`` on 8 devices: in global view each is
+    what one device computes."""
     mesh = make_mesh(axis_type, "replicated")
     batch = digits_batch(N)
     w = jax.random.normal(jax.random.key(0), (64,)) * 0.1
     reduce = {"loss": "mean", "rows": "concat", "top": ROOT_SUM_SQUARES}
-    one = jaxaccum.accumulate(_parity_step, K, reduce=reduce)(w, batch)
-    with jax.set_mesh(mesh):
-        f = jax.jit(
-            lambda w, b, m: jaxaccum.accumulate(
-                _parity_step, K, reduce=reduce, data_axis="data", num_real_microbatches=m
-            )(w, b)
+
+    def run(m: Any, data_axis: Any) -> Any:
+        f = jaxaccum.accumulate(
+            _parity_step, K, reduce=reduce, data_axis=data_axis, num_real_microbatches=m
         )
-        full = f(w, shard_batch(batch, mesh), jnp.int32(K))
-        half = f(w, shard_batch(batch, mesh), jnp.int32(2))
-    assert_trees_close(full["loss"], one["loss"])
-    assert_trees_close(full["rows"], batch["x"] @ w)  # every example, in the batch's order
-    # The user reduction: per-device root-sum-squares of 4 micro-batch maxima, aggregated.
-    per_device = N // DEVICES // K
-    tops = jnp.stack(
-        [
-            jnp.max(batch["x"][d * (N // DEVICES) :][j : N // DEVICES : K][:per_device] @ w)
-            for d in range(DEVICES)
-            for j in range(K)
-        ]
-    )
-    assert_trees_close(full["top"], jnp.sqrt(jnp.sum(tops**2)))
-    # Early stop on every device: the first 2 micro-batches of each device's examples.
-    ran = np.concatenate(
-        [d * (N // DEVICES) + np.arange(j, N // DEVICES, K) for d in range(DEVICES) for j in (0, 1)]
-    )
-    assert_trees_close(half["loss"], jnp.mean((batch["x"][ran] @ w) ** 2))
-    # A time-major copy of the batch (examples on axis 1) gives the same result.
+        return jax.jit(f)(w, shard_batch(batch, mesh) if data_axis else batch)
+
+    with jax.set_mesh(mesh):
+        for m in (jnp.int32(K), jnp.int32(2)):
+            assert_trees_close(run(m, "data"), run(m, None))
+    assert_trees_close(run(jnp.int32(K), None)["rows"], batch["x"] @ w)
     tm = {"x": jnp.stack([batch["x"], batch["x"]]), "y": jnp.stack([batch["y"], batch["y"]])}
     with jax.set_mesh(mesh):
         tm = jax.device_put(tm, NamedSharding(mesh, P(None, "data")))
@@ -807,49 +647,33 @@ def test_parity_features_with_data_axis(axis_type):
                 lambda w, b: jnp.mean((b["x"] @ w) ** 2), K, data_axis="data", in_axes=1
             )
         )
-        assert_trees_close(g(w, tm), one["loss"])
-    no_aggregate = jaxaccum.Reduction(
-        init=ROOT_SUM_SQUARES.init,
-        update=ROOT_SUM_SQUARES.update,
-        finalize=ROOT_SUM_SQUARES.finalize,
-    )
-    with jax.set_mesh(mesh), pytest.raises(TypeError, match="neither combine nor aggregate"):
-        jax.jit(
-            jaxaccum.accumulate(
-                _parity_step,
-                K,
-                reduce={"loss": "mean", "rows": "concat", "top": no_aggregate},
-                data_axis="data",
-            )
-        )(w, shard_batch(batch, mesh))
+        assert_trees_close(g(w, tm), jnp.mean((batch["x"] @ w) ** 2))
 
 
 @pytest.mark.parametrize("axis_type", list(AXIS_TYPES))
 @pytest.mark.parametrize("split", ["strided", "contiguous", "presplit"])
 def test_concat_and_stack_keep_the_example_order_over_devices(axis_type, split):
-    """CONCAT gives the batch's order with ``data_axis`` for every split, and STACK/CONCAT
-    carries follow the output's sharding type without ``data_axis`` (Explicit axes)."""
+    """CONCAT gives the batch's order with ``data_axis`` for every split it takes (a
+    contiguous split over Explicit data axes is refused by name), and STACK/CONCAT carries
+    follow the output's sharding type without ``data_axis``."""
     mesh = make_mesh(axis_type, "replicated")
     x = jnp.arange(N * 2, dtype=jnp.float32).reshape(N, 2)
     batch = x.reshape(K, N // K, 2) if split == "presplit" else x
     spec = P(None, "data") if split == "presplit" else P("data")
     step = lambda b: b * 10.0  # noqa: E731
+    refused = split == "contiguous" and axis_type == "explicit"
     with jax.set_mesh(mesh):
         placed = jax.device_put(batch, NamedSharding(mesh, spec))
         for data_axis in ("data", None):
-            if split == "contiguous" and axis_type == "explicit" and data_axis is None:
-                with pytest.raises(
-                    ValueError, match="cannot cut batch leaf b, whose example axis is sharded"
-                ):
-                    jaxaccum.accumulate(step, K, batch_argnums=0, split=split)(placed)
-                continue
-            f = jax.jit(
-                jaxaccum.accumulate(
-                    step, K, batch_argnums=0, reduce="concat", split=split, data_axis=data_axis
-                )
+            f = jaxaccum.accumulate(
+                step, K, batch_argnums=0, reduce="concat", split=split, data_axis=data_axis
             )
-            assert np.array_equal(np.asarray(f(placed)), np.asarray(x * 10.0))
-        stack_split = "strided" if split == "contiguous" and axis_type == "explicit" else split
+            if refused:
+                with pytest.raises(ValueError, match="split='contiguous' cannot"):
+                    jax.jit(f)(placed)
+                continue
+            assert np.array_equal(np.asarray(jax.jit(f)(placed)), np.asarray(x * 10.0))
+        stack_split = "strided" if refused else split
         stacked = jax.jit(
             jaxaccum.accumulate(step, K, batch_argnums=0, reduce="stack", split=stack_split)
         )(placed)
@@ -858,37 +682,56 @@ def test_concat_and_stack_keep_the_example_order_over_devices(axis_type, split):
 
 
 @pytest.mark.parametrize("axis_type", list(AXIS_TYPES))
-def test_last_over_devices_leaves_out_a_device_whose_last_microbatch_is_empty(axis_type):
-    """LAST with weights: a device whose last micro-batch has weight 0 (and a NaN mean)
-    is left out of the average over devices."""
+def test_last_with_weights_over_devices_equals_one_device(axis_type):
+    """LAST with weights under ``data_axis``: the last micro-batch's output, computed over
+    every device's part of it, as one device computes it."""
     mesh = make_mesh(axis_type, "replicated")
     x = jnp.arange(N, dtype=jnp.float32)
-    m = jnp.ones(N).at[N // DEVICES + K - 1 :: N // DEVICES * DEVICES].set(0.0)
-    m = m.at[N // DEVICES : 2 * N // DEVICES].set(
-        jnp.tile(jnp.array([1.0, 0.0]), N // DEVICES // 2)
-    )
+    m = jnp.ones(N).at[1::4].set(0.0)
 
     def step(b):
         return jnp.where(b["m"].sum() > 0, (b["x"] * b["m"]).sum() / b["m"].sum(), jnp.nan)
 
+    kwargs = {"batch_argnums": 0, "reduce": "last", "weight_fn": lambda b: b["m"].sum()}
+    one = jaxaccum.accumulate(step, 2, **kwargs)({"x": x, "m": m})
     with jax.set_mesh(mesh):
-        f = jax.jit(
-            jaxaccum.accumulate(
-                step,
-                2,
-                batch_argnums=0,
-                reduce="last",
-                weight_fn=lambda b: b["m"].sum(),
-                data_axis="data",
-            )
-        )
+        f = jax.jit(jaxaccum.accumulate(step, 2, data_axis="data", **kwargs))
         got = f(jax.device_put({"x": x, "m": m}, NamedSharding(mesh, P("data"))))
-    # The reference: every device's last micro-batch (odd local rows), weighted.
+    assert float(got) == pytest.approx(float(one), rel=1e-6)
+
+
+@pytest.mark.parametrize("axis_type", list(AXIS_TYPES))
+def test_concat_and_aggregated_reductions_come_out_invariant_under_check_vma(axis_type):
+    """Inside a caller's ``shard_map`` with the default ``check_vma=True``: CONCAT and a
+    user reduction with ``aggregate`` but no ``combine`` are the same on every device, so
+    ``out_specs=P()`` takes them, and they equal one device's (the user reduction
+    aggregates the devices' results); one with neither is refused by name."""
+    mesh = make_mesh(axis_type, "replicated")
+    batch = digits_batch(N)
+    w = jax.random.normal(jax.random.key(0), (64,)) * 0.1
+    reduce = {"loss": "mean", "rows": "concat", "top": ROOT_SUM_SQUARES}
+    local = jaxaccum.accumulate(_parity_step, K, reduce=reduce, axis_name="data")
+    fn = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P("data")), out_specs=P()))
+    with jax.set_mesh(mesh):
+        out = fn(w, shard_batch(batch, mesh))
+    assert_trees_close(out["loss"], jnp.mean((batch["x"] @ w) ** 2))
+    assert_trees_close(out["rows"], batch["x"] @ w)  # every example, in the batch's order
     per = N // DEVICES
-    rows = np.concatenate([d * per + np.arange(1, per, 2) for d in range(DEVICES)])
-    xs, ms = np.asarray(x)[rows], np.asarray(m)[rows]
-    assert np.isfinite(float(got))
-    assert float(got) == pytest.approx(float((xs * ms).sum() / ms.sum()), rel=1e-6)
+    tops = jnp.stack(
+        [jnp.max(batch["x"][d * per :][j:per:K] @ w) for d in range(DEVICES) for j in range(K)]
+    )
+    assert_trees_close(out["top"], jnp.sqrt(jnp.sum(tops**2)))
+    no_aggregate = jaxaccum.Reduction(
+        init=ROOT_SUM_SQUARES.init,
+        update=ROOT_SUM_SQUARES.update,
+        finalize=ROOT_SUM_SQUARES.finalize,
+    )
+    bad = jaxaccum.accumulate(
+        _parity_step, K, reduce={**reduce, "top": no_aggregate}, axis_name="data"
+    )
+    bad_fn = jax.jit(jax.shard_map(bad, mesh=mesh, in_specs=(P(), P("data")), out_specs=P()))
+    with jax.set_mesh(mesh), pytest.raises(TypeError, match="neither combine nor aggregate"):
+        bad_fn(w, shard_batch(batch, mesh))
 
 
 @pytest.mark.parametrize("axis_type", list(AXIS_TYPES))

@@ -156,46 +156,52 @@ def test_collectives_mode_counts_one_all_reduce_per_step_for_jaxaccum(smoke):
     rows = {(r["method"], r["k"]): r for r in result["rows"]}
     assert {method for method, _ in rows} == {
         "jaxaccum data_axis",
+        "jaxaccum data_axis (Auto)",
         "jit scan (strided)",
-        "jit scan (contiguous)",
-        "optax.microbatch",
+        "jit scan (contiguous, Auto)",
+        "optax.microbatch (Auto)",
         "python loop",
     }
-    for k in (1, 2):
-        mine = rows[("jaxaccum data_axis", k)]
-        assert mine["in_loop"] == {} and mine["outside_loop"] == {"all-reduce": 1}
-        assert mine["per_step"] == 1
-    # the same scan left to the compiler all-reduces once per micro-batch
-    assert rows[("jit scan (strided)", 2)]["in_loop"] == {"all-reduce": 1}
+    widths = (784, 1024, 1024, 10)
+    kernels = 4 * sum(a * b for a, b in itertools.pairwise(widths))
+    biases = 4 * sum(widths[1:])
+    mine = rows[("jaxaccum data_axis", 2)]
+    # the weight matrices reduced once after the loop; the biases and the loss in it
+    assert mine["bytes_outside_loop"] == kernels and mine["bytes_in_loop"] == biases + 4
+    # the same scan left as written all-reduces every gradient once per micro-batch
+    naive = rows[("jit scan (strided)", 2)]
+    assert naive["bytes_in_loop"] == kernels + biases + 4 and naive["bytes_outside_loop"] == 0
     assert rows[("python loop", 2)]["per_step"] == 2
     assert "| method | k | in loop | outside loop | run per step |" in smoke[1]
 
 
 def test_fsdp_memory_mode_shards_the_accumulator(smoke):
     result = read(smoke, "fsdp_memory.json")
-    rows = {r["layout"]: r for r in result["rows"]}
-    assert set(rows) == {
-        "replicated DP",
-        "FSDP per micro-batch",
-        "FSDP gather once",
-        "tensor parallel (4 x 2)",
-        "FSDP, no accumulation",
+    rows = {(r["layout"], r["k"]): r for r in result["rows"]}
+    expected = {
+        (f"{kind}: {name}", k)
+        for kind in ("explicit", "auto")
+        for name, k in (("FSDP, no accumulation", 1), ("per_microbatch", 2), ("gather_once", 2))
+    } | {
+        ("auto, used whole: FSDP, no accumulation", 1),
+        ("auto, used whole: strided split", 2),
+        ("auto, used whole: contiguous split", 2),
     }
+    assert set(rows) == expected
     for r in rows.values():
         peak = r["argument_bytes"] + r["output_bytes"] + r["temp_bytes"] - r["alias_bytes"]
         assert r["peak_bytes"] == peak, r["layout"]
-    assert rows["FSDP, no accumulation"]["k"] == 1
-    assert rows["FSDP, no accumulation"]["accumulator_bytes"] == 0
-    full = rows["replicated DP"]["accumulator_bytes"]
-    assert rows["FSDP gather once"]["accumulator_bytes"] == full
-    # Per micro-batch, each device accumulates its eighth of the weight matrices' float32
-    # gradient (the biases are replicated): 7/8 of the weights' bytes fewer than in full.
-    widths = result["widths"]
-    weight_bytes = 4 * sum(a * b for a, b in itertools.pairwise(widths))
-    assert full - rows["FSDP per micro-batch"]["accumulator_bytes"] == weight_bytes * 7 // 8
-    in_loop = {c["op"] for c in rows["FSDP per micro-batch"]["collectives"] if c["in_loop"]}
-    assert in_loop == {"all-gather", "reduce-scatter"}
-    assert "| layout | k | arguments |" in smoke[1]
+    grads = result["param_bytes"]
+    for kind in ("explicit", "auto"):
+        assert rows[f"{kind}: FSDP, no accumulation", 1]["accumulator_bytes"] == 0
+        # each device accumulates its eighth of the float32 gradient, or all of it
+        small = rows[f"{kind}: per_microbatch", 2]["accumulator_bytes"] - grads // 8
+        assert 0 < small < 64
+        # gathered once, the gradient is accumulated whole where the types defer its
+        # reduction (Explicit); on Auto axes the compiler reduces it in the loop, sharded
+        whole = grads if kind == "explicit" else grads // 8
+        assert rows[f"{kind}: gather_once", 2]["accumulator_bytes"] == whole + small
+    assert "| model and mesh: strategy | k | peak (MiB) |" in smoke[1]
 
 
 def test_suite_mode_writes_every_row_and_file(smoke):
@@ -271,8 +277,11 @@ def test_suite_batchnorm_statistics_are_carried_except_by_optax_microbatch(smoke
 def test_suite_collectives_section(smoke):
     report = json.loads((smoke[0] / "suite" / "suite.json").read_text())
     rows = {(r["method"], r["k"]): r for r in report["collectives"]}
-    assert rows[("jaxaccum data_axis", 2)]["per_step"] == 1
-    assert rows[("optax.microbatch", 2)]["in_loop"] == {"all-reduce": 1}
+    assert (
+        rows[("jaxaccum data_axis", 2)]["bytes_in_loop"]
+        < rows[("jit scan (strided)", 2)]["bytes_in_loop"]
+    )
+    assert rows[("optax.microbatch (Auto)", 2)]["in_loop"] == {"all-reduce": 1}
 
 
 def test_suite_rereport_rewrites_the_same_report(smoke, cli, tmp_path, capsys):

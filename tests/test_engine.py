@@ -167,7 +167,7 @@ def test_finish_step_is_the_weighted_mean_with_zero_weights_left_out():
         data_axis=None,
         mesh=None,
         axis_name=None,
-        fsdp="per_microbatch",
+        fsdp=None,
         param_specs=None,
     )
     grads = [np.array([1.0, 2.0]), np.array([np.nan, 0.0]), np.array([3.0, -1.0])]

@@ -1,4 +1,5 @@
-"""The tests mirror the package: ``jaxaccum/_<name>.py`` is tested in ``tests/test_<name>.py``.
+"""The tests mirror the package: ``jaxaccum/_<name>.py`` (or the subpackage
+``jaxaccum/_<name>/``) is tested in ``tests/test_<name>.py``.
 
 A reader looking for the tests of a module finds them by its name. Modules that cannot have
 a test module of their own are listed in ``COVERED_ELSEWHERE`` with the reason and the test
@@ -30,7 +31,10 @@ def mirror(module: pathlib.Path) -> str:
 
 
 def modules() -> list[pathlib.Path]:
-    return sorted(p for p in (ROOT / "jaxaccum").glob("*.py") if p.name != "__init__.py")
+    """Every module of the package, a subpackage counting as one (by its folder)."""
+    files = [p for p in (ROOT / "jaxaccum").glob("*.py") if p.name != "__init__.py"]
+    packages = [p for p in (ROOT / "jaxaccum").iterdir() if (p / "__init__.py").is_file()]
+    return sorted(files + packages)
 
 
 def test_every_module_has_its_own_test_module():
