@@ -5,6 +5,7 @@ Reached as ``jaxaccum.flax.nnx_train_step``; the linen pieces live in ``jaxaccum
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -227,75 +228,85 @@ def nnx_train_step(
             "or batch_norm='sequential'."
         )
 
-    def init(model: nnx.Module, tx: Any, wrt: Any = nnx.Param) -> nnx.Optimizer[Any]:
-        optimizer = nnx.Optimizer(model, tx, wrt=wrt)
-        # A counter the step increments on every skipped update.
-        optimizer.skipped = nnx.OptState(jnp.zeros((), jnp.int32))  # type: ignore[attr-defined]
-        return optimizer
+    return TrainStep(init=_init, update=functools.partial(_update, engine, loss_fn, exact))
 
-    def update(
-        model: nnx.Module, optimizer: nnx.Optimizer[Any], batch: Any, key: jax.Array | None = None
-    ) -> TrainMetrics:
-        _check_objects(model, optimizer)
-        momenta = _batch_norms(model, exact)
-        graphdef, params, rest = _split_model(model, optimizer.wrt)
-        params, rest = nnx.as_pure(params), nnx.as_pure(rest)
-        _checks.check_opt_state(
-            nnx.as_pure(optimizer.opt_state),
-            optimizer.tx.init,
-            params,
-            ("optimizer.opt_state", "optimizer.tx.init(params)"),
-            "build the optimizer for this model and the variables it trains: "
-            "nnx.Optimizer(model, tx, wrt=nnx.Param).",
-        )
-        if key is not None:
-            _checks.check_key(key, "key")
 
-        def forward(p: Any, batch: Any, rest: Any, consts: Any, key: Any) -> tuple[Any, Any]:
-            given = _reseed(_zero_bn(rest, momenta), key)
-            # Copied: variables created in this trace may be updated by the model.
-            model = nnx.merge(graphdef, p, given, copy=True)
-            return loss_fn(model, batch), nnx.as_pure(_split_model(model, optimizer.wrt)[2])
+def _init(model: nnx.Module, tx: Any, wrt: Any = nnx.Param) -> nnx.Optimizer[Any]:
+    """The step's ``init``: the model's ``nnx.Optimizer``, with a ``skipped`` counter."""
+    optimizer = nnx.Optimizer(model, tx, wrt=wrt)
+    # A counter the step increments on every skipped update.
+    optimizer.skipped = nnx.OptState(jnp.zeros((), jnp.int32))  # type: ignore[attr-defined]
+    return optimizer
 
-        def after(new: Any, rest: Any, consts: Any, counted: jax.Array) -> tuple[Any, Any]:
-            def carry(path: Any, n: Any, o: Any) -> Any:
-                # Keys go back to the model's own; BatchNorm statistics merged at the end
-                # (exact mode) keep the step's value until then.
-                if _is_key(o) or _bn.is_stat(_keys(path), momenta):
-                    return o
-                return jnp.where(counted, n, o)
 
-            stats = _bn.moments(new, momenta, _keys)
-            return stats, jax.tree_util.tree_map_with_path(carry, new, rest)
+def _update(
+    engine: _engine.Engine,
+    loss_fn: Callable[..., Any],
+    exact: bool,
+    model: nnx.Module,
+    optimizer: nnx.Optimizer[Any],
+    batch: Any,
+    key: jax.Array | None = None,
+) -> TrainMetrics:
+    """The step's ``update``: k micro-batches, one optimizer update, in place."""
+    _check_objects(model, optimizer)
+    momenta = _batch_norms(model, exact)
+    graphdef, params, rest = _split_model(model, optimizer.wrt)
+    params, rest = nnx.as_pure(params), nnx.as_pure(rest)
+    _checks.check_opt_state(
+        nnx.as_pure(optimizer.opt_state),
+        optimizer.tx.init,
+        params,
+        ("optimizer.opt_state", "optimizer.tx.init(params)"),
+        "build the optimizer for this model and the variables it trains: "
+        "nnx.Optimizer(model, tx, wrt=nnx.Param).",
+    )
+    if key is not None:
+        _checks.check_key(key, "key")
 
-        def finish(stats: Any, rest: Any) -> Any:
-            first, second = stats
-            return _bn.merge(rest, first, second, momenta, _keys) if exact else rest
+    def forward(p: Any, batch: Any, rest: Any, consts: Any, key: Any) -> tuple[Any, Any]:
+        given = _reseed(_zero_bn(rest, momenta), key)
+        # Copied: variables created in this trace may be updated by the model.
+        model = nnx.merge(graphdef, p, given, copy=True)
+        return loss_fn(model, batch), nnx.as_pure(_split_model(model, optimizer.wrt)[2])
 
-        skipped = getattr(optimizer, "skipped", None)
-        core = _engine.Core(
-            params,
-            nnx.as_pure(optimizer.opt_state),
-            optimizer.step[...],
-            skipped[...] if isinstance(skipped, nnx.Variable) else None,
-            rest,
-        )
-        core, metrics = _engine.run(
-            engine,
-            optimizer.tx,
-            core,
-            batch,
-            forward,
-            key=key,
-            after=after,
-            reduce=Reduce.MEAN,
-            finish=finish,
-        )
-        nnx.update(model, core.params, core.carry)
-        nnx.update(optimizer.opt_state, nnx.state(core.opt_state))
-        optimizer.step[...] = core.step
-        if isinstance(skipped, nnx.Variable) and core.skipped is not None:
-            skipped[...] = core.skipped
-        return metrics
+    def after(new: Any, rest: Any, consts: Any, counted: jax.Array) -> tuple[Any, Any]:
+        def carry(path: Any, n: Any, o: Any) -> Any:
+            # Keys go back to the model's own; BatchNorm statistics merged at the end
+            # (exact mode) keep the step's value until then.
+            if _is_key(o) or _bn.is_stat(_keys(path), momenta):
+                return o
+            return jnp.where(counted, n, o)
 
-    return TrainStep(init=init, update=update)
+        stats = _bn.moments(new, momenta, _keys)
+        return stats, jax.tree_util.tree_map_with_path(carry, new, rest)
+
+    def finish(stats: Any, rest: Any) -> Any:
+        first, second = stats
+        return _bn.merge(rest, first, second, momenta, _keys) if exact else rest
+
+    skipped = getattr(optimizer, "skipped", None)
+    core = _engine.Core(
+        params,
+        nnx.as_pure(optimizer.opt_state),
+        optimizer.step[...],
+        skipped[...] if isinstance(skipped, nnx.Variable) else None,
+        rest,
+    )
+    core, metrics = _engine.run(
+        engine,
+        optimizer.tx,
+        core,
+        batch,
+        forward,
+        key=key,
+        after=after,
+        reduce=Reduce.MEAN,
+        finish=finish,
+    )
+    nnx.update(model, core.params, core.carry)
+    nnx.update(optimizer.opt_state, nnx.state(core.opt_state))
+    optimizer.step[...] = core.step
+    if isinstance(skipped, nnx.Variable) and core.skipped is not None:
+        skipped[...] = core.skipped
+    return metrics

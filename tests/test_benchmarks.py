@@ -172,7 +172,7 @@ def test_collectives_mode_counts_one_all_reduce_per_step_for_jaxaccum(smoke):
     naive = rows[("jit scan (strided)", 2)]
     assert naive["bytes_in_loop"] == kernels + biases + 4 and naive["bytes_outside_loop"] == 0
     assert rows[("python loop", 2)]["per_step"] == 2
-    assert "| method | k | in loop | outside loop | run per step |" in smoke[1]
+    assert "| method | k | in loop (bytes) | outside loop (bytes) | run per step |" in smoke[1]
 
 
 def test_fsdp_memory_mode_shards_the_accumulator(smoke):
@@ -229,7 +229,7 @@ def test_suite_mode_writes_every_row_and_file(smoke):
     assert "| model | k | jaxaccum × full | fastest peer |" in text
     assert "| model | k=2 | largest k / k=2 |" in text
     assert "| model | k | unroll | × full |" in text
-    assert "| method | k | in loop | outside loop |" in text
+    assert "| method | k | in loop (bytes) | outside loop (bytes) |" in text
     assert text in smoke[1]  # printed as written
 
 
