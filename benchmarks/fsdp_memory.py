@@ -11,8 +11,9 @@ Two models, compiled and never run, on 8 devices over one mesh axis ``data``:
   ``jaxaccum.accumulate(..., data_axis="data")`` with each ``fsdp=`` strategy at each k.
 * **Weights used whole** (Auto axes): as many separate weights sharded ``P(None, "data")``,
   used as they are (the compiler decides the gathers), batch ``--batch`` / 8, at the largest
-  k: the unaccumulated gradient, and jaxaccum with the strided (default) and contiguous
-  splits.
+  k: the unaccumulated gradient, jaxaccum with the strided (default) and contiguous splits,
+  and for reference a hand-written ``lax.scan`` whose accumulator is pinned to the
+  parameters' sharding with ``with_sharding_constraint``, with either split.
 
 Memory is XLA's compiled memory analysis per device, read with
 :func:`jaxaccum.inspect.plan_microbatches` (one candidate k): the peak (arguments + outputs +
@@ -76,6 +77,28 @@ def whole_weights_loss(params: Any, batch: Any) -> jax.Array:
     return jnp.mean((h - batch["y"]) ** 2)
 
 
+def pinned_scan(k: int, split: str, specs: Any) -> Callable[..., Any]:
+    """The hand-written reference: a scan whose accumulator is pinned to the params' specs."""
+    vg = jax.value_and_grad(whole_weights_loss)
+
+    def step(params: Any, batch: Any) -> Any:
+        def micro(b: jax.Array) -> jax.Array:
+            if split == "contiguous":
+                return b.reshape(k, b.shape[0] // k, *b.shape[1:])
+            return jnp.swapaxes(b.reshape(b.shape[0] // k, k, *b.shape[1:]), 0, 1)
+
+        def body(acc: Any, mb: Any) -> tuple[Any, None]:
+            loss, grads = vg(params, mb)
+            acc = jax.tree.map(lambda a, g: a + g, acc, (loss, grads))
+            return jax.tree.map(jax.lax.with_sharding_constraint, acc, specs), None
+
+        zeros = jax.tree.map(jnp.zeros_like, (jnp.float32(0), params))
+        acc, _ = jax.lax.scan(body, zeros, jax.tree.map(micro, batch))
+        return jax.tree.map(lambda a: a / k, acc)
+
+    return step
+
+
 def _abstract(shape: tuple[int, ...], mesh: Any, spec: P) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(shape, jnp.float32, sharding=NamedSharding(mesh, spec))
 
@@ -130,6 +153,10 @@ def _whole_rows(k: int, n: int, layers: int, width: int) -> list[Any]:
     for split in ("strided", "contiguous"):
         fn = jaxaccum.accumulate(vg, k, data_axis="data", split=split, in_specs=([spec] * layers,))
         rows.append(_row(f"auto, used whole: {split} split", k, fn, args))
+    specs = (NamedSharding(mesh, P()), [NamedSharding(mesh, spec)] * layers)
+    for split in ("strided", "contiguous"):
+        fn = pinned_scan(k, split, specs)
+        rows.append(_row(f"auto, used whole: hand-written pinned scan, {split}", k, fn, args))
     return rows
 
 

@@ -462,6 +462,9 @@ def multi_steps(
 class MultiStepsTransformation(optax.GradientTransformationExtraArgs):  # type: ignore[misc]
     """What :func:`multi_steps` returns: an Optax transformation that knows its inner one.
 
+    It also answers ``optax.MultiSteps``' calls: :meth:`has_updated`,
+    :meth:`gradient_transformation` and :attr:`inner_opt`.
+
     Attributes:
       inner: the wrapped optimizer.
       use_grad_mean: whether windows apply their mean (True) or sum (False).
@@ -473,6 +476,40 @@ class MultiStepsTransformation(optax.GradientTransformationExtraArgs):  # type: 
     def flush(self, state: MultiStepsState, params: Any = None, **extra_args: Any) -> Any:
         """:func:`flush` with this transformation."""
         return flush(self, state, params, **extra_args)
+
+    @property
+    def inner_opt(self) -> optax.GradientTransformation:
+        """The wrapped optimizer, under ``optax.MultiSteps``' attribute name."""
+        return self.inner
+
+    def has_updated(self, state: MultiStepsState) -> jax.Array:
+        """Whether the call that returned ``state`` applied the inner update.
+
+        ``optax.MultiSteps``' method, read from ``state.emitted``: unlike optax's
+        ``mini_step == 0 and gradient_step > 0``, it stays False after a call of weight 0
+        or a skipped call that follows an update.
+
+        Example:
+          >>> import jax.numpy as jnp, optax, jaxaccum
+          >>> opt = jaxaccum.multi_steps(optax.sgd(1.0), every_k_schedule=2)
+          >>> state = opt.init(jnp.zeros(2))
+          >>> for _ in range(2):
+          ...     _, state = opt.update(jnp.ones(2), state)
+          ...     print(bool(opt.has_updated(state)))
+          False
+          True
+        """
+        if not isinstance(state, MultiStepsState):
+            raise TypeError(
+                "state must be the MultiStepsState this transformation's init or update "
+                f"returned, got {type(state).__name__}; convert an optax state with "
+                "MultiStepsState.from_optax."
+            )
+        return state.emitted
+
+    def gradient_transformation(self) -> MultiStepsTransformation:
+        """``optax.MultiSteps``' method: the transformation itself, already an Optax one."""
+        return self
 
 
 def _as_inner(optimizer: Any) -> Any:

@@ -186,6 +186,8 @@ def test_fsdp_memory_mode_shards_the_accumulator(smoke):
         ("auto, used whole: FSDP, no accumulation", 1),
         ("auto, used whole: strided split", 2),
         ("auto, used whole: contiguous split", 2),
+        ("auto, used whole: hand-written pinned scan, strided", 2),
+        ("auto, used whole: hand-written pinned scan, contiguous", 2),
     }
     assert set(rows) == expected
     for r in rows.values():

@@ -206,6 +206,45 @@ def test_extra_args_reach_the_inner_update(params):
     assert all(bool(jnp.all(u == 3.0)) for u in jax.tree.leaves(updates))
 
 
+def _fit(make: Any, params: Any, batch: Any, calls: int) -> tuple[Any, list[bool]]:
+    """A training loop written against ``optax.MultiSteps``' methods only."""
+    multi = make(optax.adam(1e-2), every_k_schedule=3)
+    assert multi.inner_opt is not None
+    opt = multi.gradient_transformation()
+
+    @jax.jit
+    def step(p: Any, s: Any, mb: Any) -> tuple[Any, Any, Any]:
+        updates, s = opt.update(jax.grad(mean_loss)(p, mb), s, p)
+        return optax.apply_updates(p, updates), s, multi.has_updated(s)
+
+    s, updated = opt.init(params), []
+    for t in range(calls):
+        params, s, done = step(params, s, strided_micro(_window(batch, 0), t % 4, 4))
+        updated.append(bool(done))
+    return params, updated
+
+
+def test_optax_multisteps_methods_give_optax_results(params, batch):
+    ours, ours_updated = _fit(multi_steps, params, batch, 7)
+    theirs, theirs_updated = _fit(optax.MultiSteps, params, batch, 7)
+    assert ours_updated == theirs_updated == [False, False, True] * 2 + [False]
+    assert _max_diff(ours, theirs) < 1e-6  # float32 mean of 3 against a running mean
+
+
+def test_has_updated_is_false_after_a_zero_weight_call(params, batch):
+    opt = multi_steps(optax.sgd(0.1), 2)
+    grads, s = jax.tree.map(jnp.ones_like, params), opt.init(params)
+    for _ in range(2):
+        _, s = opt.update(grads, s, params)
+    assert bool(opt.has_updated(s))
+    _, s = opt.update(grads, s, params, weight=0.0)
+    assert not bool(opt.has_updated(s))
+    # optax's formula (mini_step == 0 and gradient_step > 0) still says True here
+    assert int(s.mini_step) == 0 and int(s.gradient_step) == 1
+    with pytest.raises(TypeError, match="state must be the MultiStepsState"):
+        opt.has_updated(optax.MultiSteps(optax.sgd(0.1), 2).init(params))
+
+
 # Dynamic k.
 def test_dynamic_k_update_pattern():
     opt = multi_steps(optax.identity(), lambda step: jnp.where(step < 2, 2, 4))
