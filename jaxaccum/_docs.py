@@ -1,4 +1,4 @@
-"""Docstring text shared by several entry points, written once."""
+"""Docstring text shared by the train-step builders, written once."""
 
 from __future__ import annotations
 
@@ -7,7 +7,15 @@ from typing import Any, TypeVar
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-DATA_PARALLEL_ARGS = """\
+SHARED_STEP_ARGS = """\
+aux_reduce: how the leaves of ``loss_fn``'s aux combine over the micro-batches. None
+  (default): floating leaves are weighted like the loss, integer leaves summed, bool
+  leaves counted. Otherwise, as :func:`jaxaccum.accumulate`'s ``reduce=``, a
+  :class:`jaxaccum.Reduce` (or its string), a :class:`jaxaccum.Reduction` or a pytree
+  prefix of the aux with one of those or None (the default) at each node: for an aux
+  ``{"logits": ..., "accuracy": ...}``, ``{"logits": "concat", "accuracy": None}`` gives
+  every example's logits in the batch's order, to compute metrics after the step, and the
+  weighted mean accuracy. Needs ``has_aux``.
 data_axis: mesh axis name(s) the batch's example axis is sharded over. The step runs
   in global view (the model's own ``reshard``, ``reduced`` annotations and sharding
   constraints keep working) and equals one device's; on Explicit mesh axes the params'
@@ -29,16 +37,16 @@ param_specs: with ``data_axis`` on Auto mesh axes, the params' ``PartitionSpec``
   carry their layout, and a spec given must agree with it.
 """
 
-_MARK = "<data-parallel args>"
+_MARK = "<shared step args>"
 
 
-def data_parallel_args(fn: F) -> F:
-    """Puts :data:`DATA_PARALLEL_ARGS` where ``fn``'s docstring has the marker line."""
+def shared_step_args(fn: F) -> F:
+    """Puts :data:`SHARED_STEP_ARGS` where ``fn``'s docstring has the marker line."""
     doc = fn.__doc__ or ""
     line = next((ln for ln in doc.splitlines() if ln.strip() == _MARK), None)
     if line is None:
         raise AssertionError(f"{fn.__qualname__}'s docstring has no {_MARK} line")
     indent = line[: len(line) - len(line.lstrip())]
-    text = "\n".join(indent + ln if ln else ln for ln in DATA_PARALLEL_ARGS.splitlines())
+    text = "\n".join(indent + ln if ln else ln for ln in SHARED_STEP_ARGS.splitlines())
     fn.__doc__ = doc.replace(line, text)
     return fn

@@ -103,6 +103,7 @@ class Engine:
     axis_name: DataAxis | None
     fsdp: FSDP | None
     param_specs: Any
+    aux_reduce: Any = None
 
 
 def configure(
@@ -121,6 +122,7 @@ def configure(
     axis_name: DataAxis | None,
     fsdp: FSDP | str | None,
     param_specs: Any,
+    aux_reduce: Any = None,
 ) -> Engine:
     """Checks a train step's options at once; ``call`` shows how ``loss_fn`` is called."""
     k = _checks.check_k(k)
@@ -135,6 +137,7 @@ def configure(
             )
     _checks.check_unroll(unroll)
     _parallel.options(data_axis, mesh, axis_name, fsdp, param_specs, specs_name="param_specs")
+    _check_aux_reduce(aux_reduce, has_aux)
     return Engine(
         k,
         weight_fn,
@@ -148,7 +151,24 @@ def configure(
         axis_name,
         None if fsdp is None else FSDP.parse(fsdp, "fsdp"),
         param_specs,
+        aux_reduce,
     )
+
+
+def _check_aux_reduce(aux_reduce: Any, has_aux: bool) -> None:
+    if aux_reduce is None:
+        return
+    if not has_aux:
+        raise ValueError(
+            f"aux_reduce={aux_reduce!r} reduces loss_fn's auxiliary output, but has_aux is "
+            "False; pass has_aux=True with a loss_fn that returns (loss, aux)."
+        )
+    members = _reduce.spec_members(aux_reduce, "aux_reduce")
+    if any(_reduce.is_builtin(r, Reduce.WEIGHTED_MEAN) for r in members):
+        raise ValueError(
+            "aux_reduce names 'weighted_mean', which is already what the step does with "
+            "floating aux leaves (weighted like the loss); leave those leaves None."
+        )
 
 
 class Core(NamedTuple):
@@ -259,7 +279,7 @@ def _run(
         batch_argnums=1,
         carry_argnums=2,
         rng_argnums=5 if keys else (),
-        reduce=micro_spec(e.has_aux) | {"extra": reduce},
+        reduce=micro_spec(e) | {"extra": reduce},
         split=e.split,
         unroll=e.unroll,
         data_axis=e.data_axis,
@@ -346,21 +366,32 @@ def micro_outputs(
         "weight": counted,
         "losses": loss.astype(jnp.float32),
         "ok": finite | (w <= 0),
-        "aux": _weigh_aux(aux, counted),
     }
+    # aux leaves aux_reduce names are reduced as it says; the others weighted like the loss
+    specs = _reduce.per_leaf(engine.aux_reduce, aux, "aux_reduce")
+    outputs["aux"] = _weigh_aux(_pick(specs, aux, lambda r: r is None), counted)
+    outputs["aux_as_given"] = _pick(specs, aux, lambda r: r is not None)
     return outputs, keep
 
 
-def micro_spec(has_aux: bool) -> dict[str, Reduce | None]:
+def _pick(specs: Any, tree: Any, keep: Callable[[Any], bool]) -> Any:
+    """``tree`` with None at the leaves whose spec ``keep`` refuses."""
+    return jax.tree.map(
+        lambda r, x: x if keep(r) else None, specs, tree, is_leaf=lambda x: x is None
+    )
+
+
+def micro_spec(engine: Engine) -> dict[str, Any]:
     """How :func:`micro_outputs` are reduced over the micro-batches: weighted sums, divided
-    once by :func:`finish_step`."""
+    once by :func:`finish_step`, and the aux leaves ``aux_reduce`` names."""
     return {
         "grads": Reduce.SUM,
         "loss_sum": Reduce.SUM,
         "weight": Reduce.SUM,
         "losses": Reduce.STACK,
         "ok": Reduce.MIN,
-        "aux": Reduce.SUM if has_aux else None,
+        "aux": Reduce.SUM if engine.has_aux else None,
+        "aux_as_given": engine.aux_reduce,
     }
 
 
@@ -389,11 +420,17 @@ def finish_step(out: dict[str, Any], scale: jax.Array, params: Any, engine: Engi
     ok = finite if engine.nonfinite == NonFinite.SKIP else _all_finite(grads)
     aux = None
     if engine.has_aux:
-        aux = jax.tree.map(
+        weighted = jax.tree.map(
             lambda x: (
                 _reduce.weighted(x, total, x.dtype) if jnp.issubdtype(x.dtype, jnp.inexact) else x
             ),
             out["aux"],
+        )
+        aux = jax.tree.map(
+            lambda w, given: given if w is None else w,
+            weighted,
+            out["aux_as_given"],
+            is_leaf=lambda x: x is None,
         )
     metrics = TrainMetrics(
         loss=_reduce.weighted(out["loss_sum"], total, jnp.float32),

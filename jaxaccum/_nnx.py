@@ -95,7 +95,7 @@ def _check_objects(model: Any, optimizer: Any) -> None:
         )
 
 
-@_docs.data_parallel_args
+@_docs.shared_step_args
 def nnx_train_step(
     loss_fn: Callable[..., Any],
     k: int,
@@ -111,6 +111,7 @@ def nnx_train_step(
     axis_name: DataAxis | None = None,
     fsdp: FSDP | str | None = None,
     param_specs: Any = None,
+    aux_reduce: Any = None,
 ) -> TrainStep:
     """Builds an NNX train step: k micro-batches, then one optimizer update, in one call.
 
@@ -145,7 +146,7 @@ def nnx_train_step(
       split: how the batch is split; see :data:`jaxaccum.Split`.
       unroll: micro-batches per loop iteration (see :func:`jaxaccum.accumulate`; u > 1
         keeps about u micro-batches' activations alive).
-      <data-parallel args>
+      <shared step args>
 
     Returns:
       A :class:`jaxaccum.TrainStep` ``(init, update)``, callable as ``update``.
@@ -210,6 +211,7 @@ def nnx_train_step(
         k,
         weight_fn=weight_fn,
         has_aux=has_aux,
+        aux_reduce=aux_reduce,
         nonfinite=nonfinite,
         split=split,
         unroll=unroll,

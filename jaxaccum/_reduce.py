@@ -403,7 +403,7 @@ def _last_weight(ctx: ReduceContext) -> jax.Array:
     return jnp.where(count > 0, last, jnp.zeros_like(last))
 
 
-def as_reduction(value: Any) -> Reduction | None:
+def as_reduction(value: Any, argument: str = "reduce") -> Reduction | None:
     """A ``Reduce`` member, its string value, a ``Reduction``, or None (dtype default)."""
     if value is None or isinstance(value, Reduction):
         return value
@@ -414,7 +414,7 @@ def as_reduction(value: Any) -> Reduction | None:
     except ValueError:
         valid = [r.value for r in Reduce]
         raise ValueError(
-            f"unknown reduction {value!r} in reduce=; use a jaxaccum.Reduce member, one of "
+            f"unknown reduction {value!r} in {argument}=; use a jaxaccum.Reduce member, one of "
             f"{valid}, or a jaxaccum.Reduction."
         ) from None
 
@@ -423,9 +423,30 @@ def _is_spec_leaf(x: Any) -> bool:
     return x is None or isinstance(x, (Reduce, str, Reduction))
 
 
-def spec_members(spec: Any) -> list[Reduction | None]:
+def spec_members(spec: Any, argument: str = "reduce") -> list[Reduction | None]:
     """Every reduction named in a ``reduce=`` spec (validated)."""
-    return [as_reduction(x) for x in jax.tree.leaves(spec, is_leaf=_is_spec_leaf)]
+    return [as_reduction(x, argument) for x in jax.tree.leaves(spec, is_leaf=_is_spec_leaf)]
+
+
+def per_leaf(spec: Any, tree: Any, argument: str) -> Any:
+    """``tree``'s structure with the ``Reduction`` (or None) a prefix ``spec`` gives each leaf.
+
+    None stands for "not named" and stays a leaf of the result (``is_leaf=lambda x: x is
+    None`` reads it back).
+    """
+
+    def expand(r: Any, sub: Any) -> Any:
+        red = as_reduction(r, argument)
+        return jax.tree.map(lambda _: red, sub)
+
+    try:
+        return jax.tree.map(expand, spec, tree, is_leaf=_is_spec_leaf)
+    except ValueError as err:
+        raise ValueError(
+            f"{argument}= must be a prefix of the output tree it reduces (a Reduce, a "
+            f"Reduction or None at each node); {argument}={spec!r} does not match "
+            f"{jax.tree.structure(tree)}."
+        ) from err
 
 
 def is_builtin(r: Reduction | None, *members: Reduce) -> bool:

@@ -41,7 +41,7 @@ class TrainState(NamedTuple):
     loss_scale: LossScaleState | None = None
 
 
-@_docs.data_parallel_args
+@_docs.shared_step_args
 def train_step(
     loss_fn: Callable[..., Any],
     optimizer: optax.GradientTransformation,
@@ -59,6 +59,7 @@ def train_step(
     axis_name: DataAxis | None = None,
     fsdp: FSDP | str | None = None,
     param_specs: Any = None,
+    aux_reduce: Any = None,
 ) -> TrainStep:
     """Builds a train step: k micro-batches, then one optimizer update, in one call.
 
@@ -86,7 +87,7 @@ def train_step(
       split: how the batch is split; see :data:`jaxaccum.Split`.
       unroll: micro-batches per loop iteration (see :func:`jaxaccum.accumulate`; u > 1
         keeps about u micro-batches' activations alive).
-      <data-parallel args>
+      <shared step args>
 
     Returns:
       A :class:`TrainStep` ``(init, update)``.
@@ -168,6 +169,7 @@ def train_step(
         k,
         weight_fn=weight_fn,
         has_aux=has_aux,
+        aux_reduce=aux_reduce,
         nonfinite=nonfinite,
         loss_scale=loss_scale,
         split=split,

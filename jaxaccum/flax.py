@@ -181,7 +181,7 @@ def _teaching(err: Exception, names: Sequence[str]) -> Exception:
     )
 
 
-@_docs.data_parallel_args
+@_docs.shared_step_args
 def train_step(
     loss_fn: Callable[..., Any],
     k: int,
@@ -199,6 +199,7 @@ def train_step(
     axis_name: DataAxis | None = None,
     fsdp: FSDP | str | None = None,
     param_specs: Any = None,
+    aux_reduce: Any = None,
 ) -> TrainStep:
     """Builds a Flax train step: k micro-batches, then one ``apply_gradients``, in one call.
 
@@ -226,7 +227,7 @@ def train_step(
       split: how the batch is split; see :data:`jaxaccum.Split`.
       unroll: micro-batches per loop iteration (see :func:`jaxaccum.accumulate`; u > 1
         keeps about u micro-batches' activations alive).
-      <data-parallel args>
+      <shared step args>
 
     Returns:
       A :class:`jaxaccum.TrainStep` ``(init, update)``, callable as ``update``.
@@ -286,6 +287,7 @@ def train_step(
         k,
         weight_fn=weight_fn,
         has_aux=has_aux,
+        aux_reduce=aux_reduce,
         nonfinite=nonfinite,
         split=split,
         unroll=unroll,

@@ -369,3 +369,26 @@ def test_flax_own_train_state_with_a_batch_stats_field(batch, batch_norm):
     assert trees_equal(got.params, want.params)
     assert trees_equal(got.batch_stats, want.collections["batch_stats"])
     assert not trees_equal(got.batch_stats, variables["batch_stats"])  # updated
+
+
+def test_aux_reduce_concat_gives_every_example_logits_for_metrics_after_the_step(batch):
+    """The ImageNet example's pattern: logits come back as aux; metrics are computed after."""
+    model = BNNet(norm="group")  # per-example normalisation: logits equal the full batch's
+
+    def with_logits(apply: Any, mb: dict[str, jax.Array]) -> Any:
+        logits = apply(mb["x"], train=True)
+        return xent(logits, mb["y"]), {"logits": logits, "loss": xent(logits, mb["y"])}
+
+    state = make_state(model)
+    spec = {"logits": "concat", "loss": None}
+    step = jax.jit(jf.train_step(with_logits, K, has_aux=True, aux_reduce=spec))
+    _, metrics = step(state, batch)
+    full = model.apply({"params": state.params}, batch["x"], train=True)
+    assert metrics.aux["logits"].shape == (N, 10)
+    assert_trees_close(metrics.aux["logits"], full, rtol=1e-5, atol=1e-6)
+    accuracy = jnp.mean(jnp.argmax(metrics.aux["logits"], -1) == batch["y"])
+    assert float(accuracy) == float(jnp.mean(jnp.argmax(full, -1) == batch["y"]))
+    assert abs(float(metrics.aux["loss"]) - float(xent(full, batch["y"]))) < 1e-5
+    # negative control: the default averages the logits over micro-batches
+    _, default = jax.jit(jf.train_step(with_logits, K, has_aux=True))(state, batch)
+    assert default.aux["logits"].shape == (N // K, 10)

@@ -185,3 +185,16 @@ def test_bad_input_is_named():
     model.eval()
     with pytest.raises(ValueError, match=r"model\.train\(\)"):
         step(model, optimizer, digits_batch(8))
+
+
+def test_aux_reduce_concat_gives_every_example_logits(batch):
+    def with_logits(model: Net, mb: dict[str, jax.Array]) -> Any:
+        logits = model(mb["x"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, mb["y"]).mean(), logits
+
+    model, optimizer = make(norm="layer")
+    full = model(batch["x"])
+    step = jf.nnx_train_step(with_logits, K, has_aux=True, aux_reduce="concat")
+    metrics = nnx.jit(step.update)(model, optimizer, batch)
+    assert metrics.aux.shape == (N, 10)
+    assert float(jnp.max(jnp.abs(metrics.aux - full))) < 1e-5

@@ -121,6 +121,50 @@ def test_aux_is_reduced_like_the_loss():
     assert int(metrics.aux["n3"]) == int(jnp.sum(batch["y"] == 3))
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+def test_aux_reduce_chooses_per_leaf_and_keeps_the_default_elsewhere(weighted):
+    """Per-example outputs in example order; leaves left None keep the weighted mean."""
+    params, batch, k = init_params(), digits_batch(N), 4
+    batch["mask"] = (jnp.arange(N) % 3 != 0).astype(jnp.float32)
+
+    def loss_with_outputs(p, b):
+        logits = b["x"] @ p["params"]["Dense_0"]["kernel"]
+        rows = jnp.sum(b["mask"])
+        loss = jnp.sum(jnp.mean(logits**2, -1) * b["mask"]) / rows
+        return loss, {"logits": logits, "loss": loss, "rows": rows.astype(jnp.int32)}
+
+    kwargs = {"weight_fn": lambda b: b["mask"].sum()} if weighted else {}
+    spec = {"logits": "concat", "loss": None, "rows": "stack"}
+    step = jaxaccum.train_step(
+        loss_with_outputs, optax.sgd(0.1), k, has_aux=True, aux_reduce=spec, **kwargs
+    )
+    _, metrics = jax.jit(step.update)(step.init(params), batch)
+    full_loss, full = loss_with_outputs(params, batch)
+    np.testing.assert_allclose(metrics.aux["logits"], full["logits"], rtol=1e-6, atol=1e-6)
+    micro_rows = [int(strided_micro(batch, j, k)["mask"].sum()) for j in range(k)]
+    assert metrics.aux["rows"].tolist() == micro_rows
+    if weighted:  # the exact item mean, as the loss itself
+        np.testing.assert_allclose(metrics.aux["loss"], full_loss, rtol=1e-6)
+    np.testing.assert_allclose(metrics.aux["loss"], metrics.loss, rtol=1e-6)
+
+
+def test_aux_reduce_refuses_what_it_cannot_do():
+    params = init_params()
+
+    def with_aux(p, b):
+        return mean_loss(p, b), {"a": jnp.float32(1.0)}
+
+    with pytest.raises(ValueError, match=r"aux_reduce=.*has_aux is False"):
+        jaxaccum.train_step(mean_loss, optax.sgd(0.1), 4, aux_reduce="concat")
+    with pytest.raises(ValueError, match="unknown reduction 'glue' in aux_reduce="):
+        jaxaccum.train_step(with_aux, optax.sgd(0.1), 4, has_aux=True, aux_reduce="glue")
+    with pytest.raises(ValueError, match="aux_reduce names 'weighted_mean'"):
+        jaxaccum.train_step(with_aux, optax.sgd(0.1), 4, has_aux=True, aux_reduce="weighted_mean")
+    step = jaxaccum.train_step(with_aux, optax.sgd(0.1), 4, has_aux=True, aux_reduce={"b": "sum"})
+    with pytest.raises(ValueError, match=r"aux_reduce= must be a prefix"):
+        step.update(step.init(params), digits_batch(N))
+
+
 # 3: clipping acts once, on the accumulated gradient.
 def test_clip_by_global_norm_after_accumulation():
     k, params, batch = 8, init_params(), digits_batch(N)
