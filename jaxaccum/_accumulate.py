@@ -87,6 +87,7 @@ def accumulate(
       weight_fn: called with the micro-batch argument(s), returns a scalar weight
         ``w_j`` (e.g. ``lambda mb: mb["mask"].sum()``); floating outputs then default to
         the weighted mean ``sum_j w_j out_j / sum_j w_j``, exact for token-mean losses.
+        Weights <= 0 count as 0; a NaN or infinite weight makes the weighted outputs NaN.
       reduce: a :class:`Reduce` (or its string value), a :class:`Reduction` (your own),
         or a pytree prefix of the outputs with one of those or ``None`` (dtype default)
         at each node.
@@ -354,6 +355,14 @@ class _Traced:
     def avals(self) -> Any:
         return jax.tree.unflatten(self.tree, self.closed.out_avals)
 
+    @property
+    def constant(self) -> Any:
+        """Per output leaf, whether the trace holds it as a constant, the same for every
+        micro-batch (a Python number the step returns, an array it closes over)."""
+        consts = {id(v) for v in self.closed.jaxpr.constvars}
+        flags = [isinstance(v, jcore.Literal) or id(v) in consts for v in self.closed.jaxpr.outvars]
+        return jax.tree.unflatten(self.tree, flags)
+
     def __call__(self, views: Any, state: Any, j: Any) -> Any:
         operands = [*self.leaves, *jax.tree.leaves((views, state, j))]
         if self.rewrite:
@@ -436,7 +445,7 @@ def _call_step(
         out, new_state = _unpack_state(result, len(refs["carry"]))
     else:
         out, new_state = result, ()
-    w = None if config.weight_fn is None else config.weight_fn(*mb)
+    w = None if config.weight_fn is None else _checks.check_weight(config.weight_fn(*mb))
     return _check_outputs(out), new_state, w
 
 
@@ -469,9 +478,9 @@ def _run(
         dict(zip(labels, state_avals, strict=True)),
     )
     if config.weight_fn is not None:
-        _check_weight(w_aval)
+        _checks.check_weight(w_aval)
     state = jax.tree.map(_parallel.typed_like, state, state_avals)
-    leaves, treedef = _plan(config, place, call, out_avals)
+    leaves, treedef = _plan(config, place, call, out_avals, step.constant[0])
     w_dtype = _reduce.weight_dtype(config.accum_dtype, [leaf.aval for leaf in leaves])
     keep_ws = w_aval is not None and place.weights_kept
     carry = (
@@ -496,7 +505,7 @@ def _run(
             for leaf, acc, x in zip(leaves, accs, treedef.flatten_up_to(out), strict=True)
         ]
         if w is not None:
-            w_sum = w_sum + jnp.where(w > 0, w, 0)
+            w_sum = w_sum + jnp.where(_reduce.counts(w), w, 0)
         if ws is not None:
             ws = jax.lax.dynamic_update_index_in_dim(ws, w, j, 0)
         return accs, new_state, w_sum, ws, j + 1
@@ -549,16 +558,27 @@ def _loop(
 
 
 def _plan(
-    config: _Config, place: Placement, call: BoundCall, out_avals: Any
+    config: _Config, place: Placement, call: BoundCall, out_avals: Any, constant: Any
 ) -> tuple[list[_Leaf], Any]:
-    """One :class:`_Leaf` per output leaf, and the structure to flatten outputs with."""
+    """One :class:`_Leaf` per output leaf, and the structure to flatten outputs with.
+
+    A constant output that ``reduce=`` does not name comes back once, as it is: the dtype
+    default would add up an integer constant k times.
+    """
     base = _reduce.ReduceContext(
         None, config.k, config.accum_dtype, config.split, config.weight_fn is not None
     )
     reductions = _reduce.resolve(config.reduce, out_avals, base)
+    named = _reduce.per_leaf(config.reduce, out_avals, "reduce")
     is_r = lambda x: isinstance(x, _reduce.Reduction)  # noqa: E731
     treedef: Any
     flat, treedef = jax.tree_util.tree_flatten_with_path(reductions, is_leaf=is_r)
+    unnamed = [r is None for r in jax.tree.structure(out_avals).flatten_up_to(named)]
+    last = _reduce.BUILTIN[_reduce.Reduce.LAST]
+    flat = [
+        (path, last if free and fixed else r)
+        for (path, r), free, fixed in zip(flat, unnamed, jax.tree.leaves(constant), strict=True)
+    ]
     avals = treedef.flatten_up_to(out_avals)
     linear = [_reduce.is_builtin(r, *_reduce.LINEAR) for _, r in flat]
     targets = place.targets(out_avals, linear, call)
@@ -603,16 +623,6 @@ def _check_carry(before: dict[str, Any], after: dict[str, Any]) -> None:
             "carried state changed shape or dtype between micro-batches (lax.scan needs a "
             "fixed carry): " + "; ".join(changed) + ". Cast the new state back in step_fn, "
             "e.g. new.astype(old.dtype)."
-        )
-
-
-def _check_weight(shape: Any) -> None:
-    if not (
-        hasattr(shape, "shape") and shape.shape == () and jnp.issubdtype(shape.dtype, jnp.number)
-    ):
-        got = f"shape {shape.shape} dtype {shape.dtype}" if hasattr(shape, "shape") else shape
-        raise ValueError(
-            f"weight_fn must return one real scalar per micro-batch (e.g. mask.sum()), got {got}."
         )
 
 

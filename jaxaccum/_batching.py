@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 
 import jax
+import numpy as np
 
-from jaxaccum import _options
+from jaxaccum import _checks, _options
 
 
 class ScalingRule(_options.Option):
@@ -27,12 +28,6 @@ class ScalingRule(_options.Option):
     LINEAR = "linear"
     SQRT = "sqrt"
     NONE = "none"
-
-
-def _positive_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}.")
-    return value
 
 
 def effective_batch_size(per_device_batch: int, k: int, num_devices: int | None = None) -> int:
@@ -56,9 +51,9 @@ def effective_batch_size(per_device_batch: int, k: int, num_devices: int | None 
     """
     devices = jax.device_count() if num_devices is None else num_devices
     return (
-        _positive_int(per_device_batch, "per_device_batch")
-        * _positive_int(k, "k")
-        * _positive_int(devices, "num_devices")
+        _checks.positive_int(per_device_batch, "per_device_batch")
+        * _checks.positive_int(k, "k")
+        * _checks.positive_int(devices, "num_devices")
     )
 
 
@@ -85,10 +80,10 @@ def accumulation_steps(
       8
     """
     devices = jax.device_count() if num_devices is None else num_devices
-    per_step = _positive_int(per_device_batch, "per_device_batch") * _positive_int(
+    per_step = _checks.positive_int(per_device_batch, "per_device_batch") * _checks.positive_int(
         devices, "num_devices"
     )
-    target = _positive_int(target_batch, "target_batch")
+    target = _checks.positive_int(target_batch, "target_batch")
     if target % per_step:
         below, above = (target // per_step) * per_step, (target // per_step + 1) * per_step
         options = f"target_batch={above}" + (f" or {below}" if below else "")
@@ -121,7 +116,8 @@ def scale_learning_rate(
       The rescaled learning rate.
 
     Raises:
-      ValueError: for an unknown rule or non-positive batch sizes.
+      ValueError: for an unknown rule, a learning rate that is not a finite number > 0, or
+        non-positive batch sizes.
 
     Examples:
       >>> import jaxaccum
@@ -131,6 +127,16 @@ def scale_learning_rate(
       0.002
     """
     rule = ScalingRule.parse(rule, "rule")
-    ratio = _positive_int(new_batch, "new_batch") / _positive_int(base_batch, "base_batch")
+    if isinstance(learning_rate, bool) or not (
+        isinstance(learning_rate, (int, float, np.number)) and 0 < learning_rate < math.inf
+    ):
+        raise ValueError(
+            f"learning_rate must be a finite number > 0, got {learning_rate!r}; e.g. 0.1."
+        )
+    new, base = (
+        _checks.positive_int(new_batch, "new_batch"),
+        _checks.positive_int(base_batch, "base_batch"),
+    )
+    ratio = new / base
     factor = {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[rule]
     return learning_rate * factor

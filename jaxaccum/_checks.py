@@ -171,6 +171,23 @@ def check_k(k: Any) -> int:
     return int(k)
 
 
+def positive_int(value: Any, name: str, hint: str = "") -> int:
+    """``value`` if it is an int >= 1 (a bool is not)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(
+            f"{name} must be a positive int, got {value!r} of type {type(value).__name__}"
+            + (f"; {hint}" if hint else ".")
+        )
+    return int(value)
+
+
+def flag(value: Any, name: str) -> bool:
+    """``value`` if it is a bool: a string such as "no" is not taken as true."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool (True or False), got {value!r}.")
+    return bool(value)
+
+
 def check_unroll(unroll: Any) -> int | bool:
     if isinstance(unroll, bool) or (isinstance(unroll, int) and unroll >= 1):
         return unroll
@@ -254,3 +271,17 @@ def check_num_real(num_real: Any, k: int) -> Any:
             f"micro-batches run), got {num_real!r}."
         )
     return int(value)
+
+
+def check_weight(w: Any) -> Any:
+    """``weight_fn``'s value (or its shape and dtype), if it is one real scalar."""
+    if isinstance(w, (bool, int, float)):
+        return w
+    real = hasattr(w, "dtype") and jnp.issubdtype(w.dtype, jnp.number)
+    if real and w.shape == () and not jnp.issubdtype(w.dtype, jnp.complexfloating):
+        return w
+    got = f"shape {w.shape} dtype {w.dtype}" if hasattr(w, "dtype") else f"a {type(w).__name__}"
+    error = ValueError if real and not jnp.issubdtype(w.dtype, jnp.complexfloating) else TypeError
+    raise error(
+        f"weight_fn must return one real scalar per micro-batch (e.g. mask.sum()), got {got}."
+    )

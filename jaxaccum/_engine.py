@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
@@ -241,8 +242,24 @@ def run(
     k including 1. ``consts`` reach every micro-batch unchanged (traced values must travel
     as arguments: a ``shard_map`` over Explicit axes cannot close over them).
     """
+    _warn_unnamed_axes(engine.axis_name)
     with _parallel.mesh_of((core.params, batch)):  # no jax.set_mesh needed
         return _run(engine, tx, core, batch, forward, key, consts, after, reduce, finish, commit)
+
+
+def _warn_unnamed_axes(axis_name: DataAxis | None) -> None:
+    """Warns when the step runs per device over mapped axes that ``axis_name=`` does not name."""
+    named = {axis_name} if isinstance(axis_name, str) else set(axis_name or ())
+    unnamed = [a for a in jax.sharding.get_abstract_mesh().manual_axes if a not in named]
+    if unnamed:
+        warnings.warn(
+            f"this train step runs inside jax.pmap or jax.shard_map over axes {unnamed}, but "
+            "was built without naming them in axis_name=: each device applies the gradient "
+            "of its own examples, and the replicas drift apart. If the batch is split over "
+            f"them, build the step with axis_name={unnamed[0]!r} (and drop any pmean of "
+            "your own); if every device holds the same batch, this warning does not apply.",
+            stacklevel=3,
+        )
 
 
 def _run(
@@ -335,7 +352,8 @@ def _weigh_aux(aux: Any, w: jax.Array) -> Any:
 def micro_weight(weight_fn: Callable[[Any], Any] | None, mb: Any) -> jax.Array:
     """A micro-batch's weight: ``weight_fn(mb)``, or its number of examples."""
     size = jax.tree.leaves(mb)[0].shape[0]
-    return jnp.asarray(size if weight_fn is None else weight_fn(mb), jnp.float32)
+    w = size if weight_fn is None else _checks.check_weight(weight_fn(mb))
+    return jnp.asarray(w, jnp.float32)
 
 
 def micro_outputs(
@@ -350,14 +368,15 @@ def micro_outputs(
     # Under "skip" a non-finite gradient makes the summed gradient non-finite, which
     # finish_step sees; only "drop" needs each micro-batch's own verdict (one scalar
     # reduction per micro-batch where the gradient is unreduced).
-    finite = jnp.isfinite(loss)
+    finite = jnp.isfinite(loss) & jnp.isfinite(w)  # a NaN or infinite weight: not finite
     if engine.nonfinite == NonFinite.DROP:
         finite = finite & _parallel.all_finite(grads)
     keep = finite | (engine.nonfinite == NonFinite.SKIP)
     counted = jnp.where(keep & (w > 0), w, 0.0)
 
     def weigh(g: jax.Array) -> jax.Array:
-        scaled = _parallel.times(g.astype(jnp.float32), counted)
+        # float32 sums; complex gradients (complex params, as optax takes) stay complex
+        scaled = _parallel.times(g.astype(jnp.promote_types(g.dtype, jnp.float32)), counted)
         return jnp.where(counted > 0, scaled, jnp.zeros_like(scaled))
 
     outputs = {
@@ -412,9 +431,7 @@ class StepResult(NamedTuple):
 def finish_step(out: dict[str, Any], scale: jax.Array, params: Any, engine: Engine) -> StepResult:
     """Divides the weighted sums once (the one weighted mean) and decides on the update."""
     total = out["weight"]
-    mean_grads = jax.tree.map(
-        lambda g: _reduce.weighted(g, total * scale, jnp.float32), out["grads"]
-    )
+    mean_grads = jax.tree.map(lambda g: _reduce.weighted(g, total * scale, g.dtype), out["grads"])
     grads = jax.tree.map(lambda g, p: g.astype(jnp.asarray(p).dtype), mean_grads, params)
     finite = out["ok"] & _all_finite(grads)
     ok = finite if engine.nonfinite == NonFinite.SKIP else _all_finite(grads)

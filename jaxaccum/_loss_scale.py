@@ -7,6 +7,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxaccum import _checks
+
 
 class DynamicLossScale(NamedTuple):
     """Settings of dynamic loss scaling (float16 compute).
@@ -50,6 +52,7 @@ def check_config(config: DynamicLossScale) -> None:
             f"loss_scale must be a jaxaccum.DynamicLossScale, got {type(config).__name__}; "
             "e.g. loss_scale=jaxaccum.DynamicLossScale(init_scale=2.0**15)."
         )
+    _checks.positive_int(config.growth_interval, "DynamicLossScale.growth_interval", f"in {config}")
     if not (config.init_scale >= config.min_scale > 0):
         raise ValueError(f"loss scale needs init_scale >= min_scale > 0, got {config}.")
     if config.growth_interval < 1 or config.growth_factor < 1 or not 0 < config.backoff_factor < 1:

@@ -70,7 +70,11 @@ class MultiStepsState(NamedTuple):
           use_grad_mean: what the ``optax.MultiSteps`` that made it was given.
 
         Returns:
-          The equivalent :class:`MultiStepsState` (weights 1 per call).
+          The equivalent :class:`MultiStepsState` (weights 1 per call); a
+          :class:`MultiStepsState` is returned as it is.
+
+        Raises:
+          TypeError: for a ``state`` without the five fields of ``optax.MultiStepsState``.
 
         Examples:
           >>> import jax.numpy as jnp, optax, jaxaccum
@@ -82,6 +86,15 @@ class MultiStepsState(NamedTuple):
           >>> ours.acc_grads.tolist(), float(ours.acc_weight)
           ([4.0, 2.0], 2.0)
         """
+        if isinstance(state, cls):  # already this state: its sums are not means
+            return state
+        fields = ("mini_step", "gradient_step", "inner_opt_state", "acc_grads")
+        if not all(hasattr(state, f) for f in fields):
+            raise TypeError(
+                "from_optax(state) needs the optax.MultiStepsState that optax.MultiSteps' "
+                f"init or update returned (fields {', '.join(fields)}, skip_state), got "
+                f"{type(state).__name__}."
+            )
         mini = jnp.asarray(state.mini_step, jnp.int32)
         step = jnp.asarray(state.gradient_step, jnp.int32)
         count = mini.astype(_reduce.weight_dtype(None, jax.tree.leaves(state.acc_grads)))
@@ -393,6 +406,7 @@ def multi_steps(
     accum = check_accum_dtype(accum_dtype)
     if not isinstance(use_grad_mean, bool):
         raise TypeError(f"use_grad_mean must be a bool, got {use_grad_mean!r}.")
+    _checks.flag(runtime_checks, "runtime_checks")
     if should_skip_update_fn is not None and not callable(should_skip_update_fn):
         raise TypeError(
             "should_skip_update_fn must be callable (grads, gradient_step, params) -> (skip, "
@@ -424,6 +438,9 @@ def multi_steps(
         **extra_args: Any,
     ) -> tuple[Any, MultiStepsState]:
         _check_state(state, inner, grads, "the gradients")
+        if params is not None:
+            fix = "pass the params the state was initialised with, or init a state for these."
+            _checks.check_layout(state.acc_grads, params, ("state.acc_grads", "the params"), fix)
         with jax.named_scope(SCOPE):
             k = _calls_per_update(schedule, state.gradient_step, runtime_checks)
             skip, skip_state = _skip_decision(skip_fn, grads, state.gradient_step, params)

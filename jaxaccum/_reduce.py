@@ -175,14 +175,20 @@ def _cast(acc: jax.Array, ctx: ReduceContext) -> jax.Array:
     return acc.astype(ctx.out.dtype)
 
 
+def counts(w: jax.Array) -> jax.Array:
+    """Whether a weight counts: unless it is <= 0. A NaN weight counts, so that it shows
+    as a NaN result (as an infinite one does) instead of being left out unseen."""
+    return ~(w <= 0)
+
+
 def _divide(acc: jax.Array, total: Any) -> jax.Array:
     """``acc / total``, 0 where ``total`` is 0 (nothing ran, or all weights 0)."""
     if isinstance(total, int) and total > 0:  # a static count: one plain divide
         return acc / jnp.asarray(total, acc.dtype)
     total = jnp.asarray(total)
     wide = jnp.promote_types(acc.dtype, total.dtype)  # a float32 weight sum stays float32
-    safe = jnp.where(total > 0, total, jnp.ones_like(total)).astype(wide)
-    return jnp.where(total > 0, acc.astype(wide) / safe, 0).astype(acc.dtype)
+    safe = jnp.where(counts(total), total, jnp.ones_like(total)).astype(wide)
+    return jnp.where(counts(total), acc.astype(wide) / safe, 0).astype(acc.dtype)
 
 
 def weighted(acc: jax.Array, total: Any, dtype: Any) -> jax.Array:
@@ -211,9 +217,9 @@ def _p_weighted(x: jax.Array, w: jax.Array | None, axes: tuple[str, ...]) -> jax
     if w is None:
         wide = jnp.promote_types(x.dtype, jnp.float32)
         return jax.lax.pmean(x.astype(wide), axes).astype(x.dtype)
-    w = jnp.where(w > 0, w, 0).astype(jnp.promote_types(x.dtype, jnp.float32))
+    w = jnp.where(counts(w), w, 0).astype(jnp.promote_types(x.dtype, jnp.float32))
     w = w.reshape(w.shape + (1,) * (x.ndim - w.ndim))
-    num = jax.lax.psum(jnp.where(w > 0, x.astype(w.dtype) * w, 0), axes)
+    num = jax.lax.psum(jnp.where(counts(w), x.astype(w.dtype) * w, 0), axes)
     return _divide(num, jax.lax.psum(w, axes)).astype(x.dtype)
 
 
@@ -299,7 +305,7 @@ def _weigh(x: jax.Array, ctx: ReduceContext, dtype: Any) -> jax.Array:
     w = ctx.weight
     wide = jnp.promote_types(dtype, w.dtype)  # a float32 weight is not cast down first
     value = _parallel.times(x.astype(wide), w.astype(wide)).astype(dtype)
-    return jnp.where(w > 0, value, jnp.zeros_like(value))
+    return jnp.where(counts(w), value, jnp.zeros_like(value))
 
 
 def _if_any_ran(acc: jax.Array, ctx: ReduceContext) -> jax.Array:

@@ -43,7 +43,7 @@ import numpy as np
 import optax
 import optax.microbatching
 
-from jaxaccum import _reduce
+from jaxaccum import _checks, _reduce
 from jaxaccum._accumulate import accumulate
 from jaxaccum._multisteps import MultiStepsState as _State
 from jaxaccum._multisteps import multi_steps
@@ -180,6 +180,9 @@ def microbatch(
     """
     if microbatch_size is None:
         return fun
+    microbatch_size = _checks.positive_int(
+        microbatch_size, "microbatch_size", "examples per micro-batch, e.g. 8, or None"
+    )
     nums, names = _as_tuple(argnums), _as_tuple(argnames)
     reduce = _reductions(accumulator)
 

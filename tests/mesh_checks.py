@@ -431,6 +431,27 @@ def test_pmap_optax_train_step_equals_one_device(adam_run):
     assert replica_spread(state.params) == 0.0
 
 
+def test_a_step_without_axis_name_warns_under_pmap_and_shard_map():
+    """Built without ``axis_name=`` and mapped per device, each replica would apply its own
+    gradient and drift apart: the step says so, naming the option. The same loops with
+    ``axis_name=`` (the tests above) run under filterwarnings=error: silent, and exact."""
+    step = jaxaccum.train_step(mean_loss, ADAM, K)
+    batch = batches()[0]
+    state = jax_utils.replicate(step.init(fresh_params()))
+    with pytest.warns(UserWarning, match=r"without naming them in axis_name=.*'batch'"):
+        jax.pmap(step.update, axis_name="batch")(state, per_device(batch))
+    mesh = make_mesh("explicit", "replicated")
+    local = jax.shard_map(
+        lambda s, b: step.update(s, b)[1].loss,
+        mesh=mesh,
+        in_specs=(P(), P("data")),
+        out_specs=P(),
+        check_vma=False,
+    )
+    with pytest.warns(UserWarning, match=r"axis_name='data'"):
+        jax.jit(local)(step.init(fresh_params()), shard_batch(batch, mesh))
+
+
 # --- errors ----------------------------------------------------------------------------
 
 

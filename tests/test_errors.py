@@ -7,9 +7,11 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import jaxaccum
+from jaxaccum import optax_compat
 
 
 def loss(params, batch):
@@ -167,3 +169,110 @@ def test_weighted_mean_needs_weight_fn():
 def test_pad_batch_rejects_bad_multiple():
     with pytest.raises(ValueError, match=r"multiple must be a positive int, got 0"):
         jaxaccum.pad_batch(batch_of(4), 0)
+
+
+# Inputs that were accepted with a wrong result: each is now right, or refused by name.
+def test_a_constant_output_comes_back_once_whatever_its_type():
+    x = jnp.arange(8.0)
+    for constant in (7, 7.0, True, np.int32(7)):
+        out = jaxaccum.accumulate(lambda b, c=constant: c, 4, batch_argnums=0)(x)
+        assert out == constant and jnp.asarray(out).dtype == jnp.asarray(constant).dtype
+    # reduce= named explicitly still does what it says
+    assert int(jaxaccum.accumulate(lambda b: 7, 4, batch_argnums=0, reduce="sum")(x)) == 28
+    # an output computed from the micro-batch is reduced as before
+    assert int(jaxaccum.accumulate(lambda b: jnp.sum(b >= 0), 4, batch_argnums=0)(x)) == 8
+
+
+def test_complex_params_train_as_optax_trains_them():
+    w, b = jnp.array([1 + 2j]), jnp.ones((4, 1))
+
+    def complex_loss(w, b):
+        return jnp.mean(jnp.abs(b @ w) ** 2)
+
+    step = jaxaccum.train_step(complex_loss, optax.sgd(0.1), 2)
+    state, metrics = step.update(step.init(w), b)
+    grads = jax.grad(complex_loss)(w, b)
+    updates, _ = optax.sgd(0.1).update(grads, optax.sgd(0.1).init(w))
+    np.testing.assert_allclose(state.params, optax.apply_updates(w, updates), rtol=1e-6)
+    np.testing.assert_allclose(metrics.grad_norm, optax.tree.norm(grads), rtol=1e-6)
+    assert complex(state.params[0]).imag != 2.0  # the imaginary part of the gradient applied
+
+
+def test_from_optax_keeps_its_own_state_and_refuses_others():
+    opt = jaxaccum.multi_steps(optax.sgd(1.0), 4)
+    state = opt.init(jnp.zeros(2))
+    for _ in range(3):
+        _, state = opt.update(jnp.ones(2), state)
+    assert jaxaccum.MultiStepsState.from_optax(state) is state
+    assert state.acc_grads.tolist() == [3.0, 3.0]
+    with pytest.raises(TypeError, match=r"from_optax\(state\) needs the optax.MultiStepsState"):
+        jaxaccum.MultiStepsState.from_optax(None)
+
+
+@pytest.mark.parametrize("weight", [lambda mb: 1j * jax.tree.leaves(mb)[0].sum(), lambda mb: "3"])
+def test_weights_must_be_real_numbers(weight):
+    with pytest.raises(TypeError, match=r"weight_fn must return one real scalar"):
+        jaxaccum.accumulate(lambda mb: mb.sum(), 2, batch_argnums=0, weight_fn=weight)(
+            jnp.arange(4.0)
+        )
+    step = jaxaccum.train_step(loss, optax.sgd(0.1), 2, weight_fn=weight)
+    with pytest.raises(TypeError, match=r"weight_fn must return one real scalar"):
+        step.update(step.init(W), batch_of(4))
+
+
+def test_multi_steps_refuses_params_of_other_shapes_than_its_state():
+    opt = jaxaccum.multi_steps(optax.sgd(1.0), 2)
+    state = opt.init(jnp.zeros(2))
+    with pytest.raises(ValueError, match=r"state.acc_grads .* the params.*\(5,\)"):
+        opt.update(jnp.ones(2), state, jnp.zeros(5))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_non_finite_weight_shows_as_nan_and_a_train_step_skips(bad):
+    x = jnp.arange(4.0)
+
+    def weight(mb):
+        return jnp.where(mb[0] == 0, bad, 1.0)
+
+    out = jaxaccum.accumulate(lambda mb: mb.mean(), 2, batch_argnums=0, weight_fn=weight)(x)
+    assert np.isnan(float(out))  # never the other micro-batch's mean alone
+
+    def rows(mb):  # every micro-batch of batch_of(4) gets the bad weight
+        return weight(mb["x"][:, 0] - 1)
+
+    step = jaxaccum.train_step(loss, optax.sgd(0.1), 2, weight_fn=rows)
+    state, metrics = step.update(step.init(W), batch_of(4))
+    assert not bool(metrics.applied) and int(state.skipped) == 1
+    dropping = jaxaccum.train_step(loss, optax.sgd(0.1), 2, weight_fn=rows, nonfinite="drop")
+    assert float(dropping.update(dropping.init(W), batch_of(4))[1].weight) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("build", "match"),
+    [
+        (
+            lambda: jaxaccum.train_step(
+                loss, optax.sgd(0.1), 2, loss_scale=jaxaccum.DynamicLossScale(growth_interval=2.5)
+            ),
+            r"DynamicLossScale.growth_interval must be a positive int, got 2.5",
+        ),
+        (
+            lambda: jaxaccum.multi_steps(optax.sgd(0.1), 2, runtime_checks="no"),
+            r"runtime_checks must be a bool \(True or False\), got 'no'",
+        ),
+        (
+            lambda: jaxaccum.inspect.scale_learning_rate(-0.1, 256, 1024, "linear"),
+            r"learning_rate must be a finite number > 0, got -0.1",
+        ),
+    ]
+    + [
+        (
+            lambda size=size: optax_compat.microbatch(lambda x: x, 0, microbatch_size=size),
+            rf"microbatch_size must be a positive int, got {re.escape(repr(size))}",
+        )
+        for size in (True, 0, -1, "4", np.float64(4.0))
+    ],
+)
+def test_numbers_of_the_wrong_kind_are_refused_by_name(build, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        build()
