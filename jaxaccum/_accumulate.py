@@ -573,7 +573,8 @@ def _plan(
     is_r = lambda x: isinstance(x, _reduce.Reduction)  # noqa: E731
     treedef: Any
     flat, treedef = jax.tree_util.tree_flatten_with_path(reductions, is_leaf=is_r)
-    unnamed = [r is None for r in jax.tree.structure(out_avals).flatten_up_to(named)]
+    out_def: Any = jax.tree.structure(out_avals)  # PyTreeDef: no annotations mypy reads
+    unnamed = [r is None for r in out_def.flatten_up_to(named)]
     last = _reduce.BUILTIN[_reduce.Reduce.LAST]
     flat = [
         (path, last if free and fixed else r)

@@ -197,8 +197,9 @@ def _zeros_acc(p: Any, accum: np.dtype | None) -> jax.Array:
     return jnp.zeros(jnp.shape(p), acc)
 
 
-def _check_state(state: Any, inner: Any, like_params: Any, source: str) -> None:
-    """Raises unless ``state`` is a MultiStepsState for ``inner`` and these params."""
+def _check_state(state: Any, inner: Any, like_params: Any, source: str, params: Any = None) -> None:
+    """Raises unless ``state`` is a MultiStepsState for ``inner`` and these params (and
+    ``params``, where given, have the shapes of its accumulator)."""
     if isinstance(state, optax.MultiStepsState):
         raise TypeError(
             "got an optax.MultiStepsState (from optax.MultiSteps); jaxaccum's multi_steps "
@@ -216,6 +217,9 @@ def _check_state(state: Any, inner: Any, like_params: Any, source: str) -> None:
         "multi_steps(optimizer, k).init(params)."
     )
     _checks.check_layout(state.acc_grads, like_params, ("state.acc_grads", source), fix)
+    if params is not None:
+        again = "pass the params the state was initialised with, or init a state for these."
+        _checks.check_layout(state.acc_grads, params, ("state.acc_grads", "the params"), again)
     _checks.check_opt_state(
         state.inner_opt_state,
         inner.init,
@@ -404,8 +408,7 @@ def multi_steps(
     inner = _as_inner(optimizer)
     schedule = _as_schedule(every_k_schedule)
     accum = check_accum_dtype(accum_dtype)
-    if not isinstance(use_grad_mean, bool):
-        raise TypeError(f"use_grad_mean must be a bool, got {use_grad_mean!r}.")
+    _checks.flag(use_grad_mean, "use_grad_mean")
     _checks.flag(runtime_checks, "runtime_checks")
     if should_skip_update_fn is not None and not callable(should_skip_update_fn):
         raise TypeError(
@@ -437,10 +440,7 @@ def multi_steps(
         weight: Any = None,
         **extra_args: Any,
     ) -> tuple[Any, MultiStepsState]:
-        _check_state(state, inner, grads, "the gradients")
-        if params is not None:
-            fix = "pass the params the state was initialised with, or init a state for these."
-            _checks.check_layout(state.acc_grads, params, ("state.acc_grads", "the params"), fix)
+        _check_state(state, inner, grads, "the gradients", params)
         with jax.named_scope(SCOPE):
             k = _calls_per_update(schedule, state.gradient_step, runtime_checks)
             skip, skip_state = _skip_decision(skip_fn, grads, state.gradient_step, params)
