@@ -400,9 +400,11 @@ def test_pmap_synchronised_batchnorm_three_steps_equal_one_device():
     assert_trees_close(first_replica(many.params), one.params)
     assert_trees_close(first_replica(many.collections), one.collections)
     assert replica_spread((many.params, many.collections)) == 0.0
-    # negative control: without axis_name every replica follows its own gradient
+    # negative control: without axis_name every replica follows its own gradient, and the
+    # step says so
     naive = jax.pmap(jf.train_step(bn_loss, K), axis_name="batch")
-    naive_state, _ = naive(jax_utils.replicate(bn_state("batch")), per_device(batches()[0]))
+    with pytest.warns(UserWarning, match=r"without naming them in axis_name="):
+        naive_state, _ = naive(jax_utils.replicate(bn_state("batch")), per_device(batches()[0]))
     assert replica_spread(naive_state.params) > 1e-3
 
 
