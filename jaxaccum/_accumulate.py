@@ -569,7 +569,7 @@ def _plan(
         None, config.k, config.accum_dtype, config.split, config.weight_fn is not None
     )
     reductions = _reduce.resolve(config.reduce, out_avals, base)
-    named = _reduce.per_leaf(config.reduce, out_avals, "reduce")
+    named = _reduce.per_leaf(config.reduce, out_avals, "reduce", "step_fn's output tree")
     is_r = lambda x: isinstance(x, _reduce.Reduction)  # noqa: E731
     treedef: Any
     flat, treedef = jax.tree_util.tree_flatten_with_path(reductions, is_leaf=is_r)

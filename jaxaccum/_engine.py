@@ -387,7 +387,7 @@ def micro_outputs(
         "ok": finite | (w <= 0),
     }
     # aux leaves aux_reduce names are reduced as it says; the others weighted like the loss
-    specs = _reduce.per_leaf(engine.aux_reduce, aux, "aux_reduce")
+    specs = _reduce.per_leaf(engine.aux_reduce, aux, "aux_reduce", "loss_fn's aux")
     outputs["aux"] = _weigh_aux(_pick(specs, aux, lambda r: r is None), counted)
     outputs["aux_as_given"] = _pick(specs, aux, lambda r: r is not None)
     return outputs, keep

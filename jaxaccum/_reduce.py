@@ -434,8 +434,9 @@ def spec_members(spec: Any, argument: str = "reduce") -> list[Reduction | None]:
     return [as_reduction(x, argument) for x in jax.tree.leaves(spec, is_leaf=_is_spec_leaf)]
 
 
-def per_leaf(spec: Any, tree: Any, argument: str) -> Any:
-    """``tree``'s structure with the ``Reduction`` (or None) a prefix ``spec`` gives each leaf.
+def per_leaf(spec: Any, tree: Any, argument: str, of: str) -> Any:
+    """``tree``'s structure with the ``Reduction`` (or None) a prefix ``spec`` gives each leaf;
+    ``argument`` names the spec and ``of`` the tree in the error for a spec that is no prefix.
 
     None stands for "not named" and stays a leaf of the result (``is_leaf=lambda x: x is
     None`` reads it back).
@@ -449,8 +450,8 @@ def per_leaf(spec: Any, tree: Any, argument: str) -> Any:
         return jax.tree.map(expand, spec, tree, is_leaf=_is_spec_leaf)
     except ValueError as err:
         raise ValueError(
-            f"{argument}= must be a prefix of the output tree it reduces (a Reduce, a "
-            f"Reduction or None at each node); {argument}={spec!r} does not match "
+            f"{argument}= must be a prefix of {of} (a Reduce, a Reduction or None at each "
+            f"node); {argument}={spec!r} does not match the output structure "
             f"{jax.tree.structure(tree)}."
         ) from err
 
@@ -485,20 +486,10 @@ def _check_leaf(r: Reduction, leaf: Any, path: str, ctx: ReduceContext) -> None:
 
 
 def resolve(spec: Any, out_shapes: Any, ctx: ReduceContext) -> Any:
-    """A tree shaped like the outputs holding one checked ``Reduction`` per leaf."""
-
-    def expand(r: Any, sub: Any) -> Any:
-        red = as_reduction(r)
-        return jax.tree.map(lambda s: red or default_reduce(s.dtype, ctx.weighted), sub)
-
-    try:
-        tree = jax.tree.map(expand, spec, out_shapes, is_leaf=_is_spec_leaf)
-    except ValueError as err:
-        raise ValueError(
-            "reduce= must be a prefix of step_fn's output tree (a Reduce, a Reduction or "
-            f"None at each node); reduce={spec!r} does not match the output structure "
-            f"{jax.tree.structure(out_shapes)}."
-        ) from err
+    """A tree shaped like the outputs holding one checked ``Reduction`` per leaf: the one
+    ``reduce=`` names, or its dtype's default."""
+    named = per_leaf(spec, out_shapes, "reduce", "step_fn's output tree")
+    tree = jax.tree.map(lambda s, r: r or default_reduce(s.dtype, ctx.weighted), out_shapes, named)
     is_r = lambda x: isinstance(x, Reduction)  # noqa: E731
     flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_r)
     for (path, r), leaf in zip(flat, jax.tree.leaves(out_shapes), strict=True):
