@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, TypeVar
 
@@ -12,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
 
-from jaxaccum import _args, _checks, _cpu_conv, _parallel, _reduce, _split
+from jaxaccum import _args, _checks, _cpu_conv, _equinox, _parallel, _reduce, _split
 from jaxaccum._args import ArgRef, BoundCall
 from jaxaccum._parallel import FSDP, DataAxis, Placement, Totals
 from jaxaccum._split import Split
@@ -231,12 +230,11 @@ def accumulate(
       >>> bool(jnp.array_equal(draws(key, ids), jnp.stack(expected)))
       True
     """
+    _checks.function(step_fn, "step_fn", "step_fn(*args, **kwargs)")
     k = _checks.check_k(k)
     split = _split.check_split(split)
     unroll = _checks.check_unroll(unroll)
     accum = _checks.check_accum_dtype(accum_dtype)
-    if weight_fn is not None and not callable(weight_fn):
-        raise TypeError(f"weight_fn must be callable, got {type(weight_fn).__name__}.")
     spec = _reduce.spec_members(reduce)
     roles = _roles(
         step_fn,
@@ -247,6 +245,12 @@ def accumulate(
         rng_argnums,
         rng_argnames,
     )
+    if weight_fn is not None:
+        batches = ", ".join(ref.label for ref in roles["batch"])
+        n = len(roles["batch"])
+        _checks.function(
+            weight_fn, "weight_fn", f"weight_fn({batches})", n, fix=_checks.WEIGHT_FN_FIX
+        )
     opts = _parallel.options(data_axis, mesh, axis_name, fsdp, in_specs)
     axes = _checks.check_in_axes(in_axes, len(roles["batch"]))
     num_real = _checks.check_num_real(num_real_microbatches, k)
@@ -255,7 +259,7 @@ def accumulate(
         return step_fn
     config = _Config(roles, k, weight_fn, reduce, split, accum, unroll, axes)
 
-    @functools.wraps(step_fn)
+    @_equinox.wraps(step_fn)
     def accumulated(*args: Any, **kwargs: Any) -> Any:
         call = BoundCall(args, kwargs)
         with _parallel.mesh_of((args, kwargs)), jax.named_scope(SCOPE):
@@ -277,12 +281,11 @@ def _roles(
 ) -> dict[str, tuple[ArgRef, ...]]:
     """The batch, carried and key arguments of ``step_fn`` (checked)."""
     nums = _args.as_tuple(() if batch_argnums is None else batch_argnums, "batch_argnums", int)
-    if batch_argnums is None and not batch_argnames:
+    names = _args.as_tuple(batch_argnames, "batch_argnames", str)
+    if batch_argnums is None and not names:
         nums = (1,)
     roles = {
-        "batch": _args.resolve_refs(
-            step_fn, nums, _args.as_tuple(batch_argnames, "batch_argnames", str)
-        ),
+        "batch": _args.resolve_refs(step_fn, nums, names),
         "carry": _args.resolve_refs(
             step_fn,
             _args.as_tuple(carry_argnums, "carry_argnums", int),
@@ -409,7 +412,13 @@ def _trace(
         )
         return _Traced(closed, jax.tree.structure(shapes), leaves, rewrite)
 
-    first = traced([flat[i] for i in dynamic])
+    try:
+        first = traced([flat[i] for i in dynamic])
+    except Exception as e:
+        hint = _unsplit_hint(config, call, plain)
+        if hint:
+            e.add_note(hint)
+        raise
     retyped = place.retype(first.leaves, first.closed.jaxpr)
     if retyped is None:
         return first
@@ -417,6 +426,36 @@ def _trace(
         return traced(retyped)
     except Exception:  # a type the step does not take after all: its gradients as traced
         return first
+
+
+def _unsplit_hint(config: _Config, call: BoundCall, plain: tuple[ArgRef, ...]) -> str:
+    """Names the arguments left whole that have the batch's leading size, if any: when the
+    step fails, a forgotten batch argument (``loss(params, x, y)`` with only ``x`` split) is
+    the likely cause."""
+    batches = [call.get(ref, "batch") for ref in config.roles["batch"]]
+    axes = config.in_axes * len(batches) if len(config.in_axes) == 1 else config.in_axes
+    sizes = {
+        np.shape(leaf)[ax]
+        for tree, ax in zip(batches, axes, strict=True)
+        for leaf in jax.tree.leaves(tree)
+        if np.ndim(leaf) > ax
+    }
+    if len(sizes) != 1:
+        return ""
+    (n,) = sizes
+    whole = [
+        ref
+        for ref in plain
+        if any(np.ndim(x) and np.shape(x)[0] == n for x in jax.tree.leaves(call.get(ref, "")))
+    ]
+    if not whole:
+        return ""
+    names = ", ".join(ref.describe("") for ref in whole)
+    return (
+        f"jaxaccum: step_fn failed on micro-batch 0 ({n // config.k} of the batch's {n} "
+        f"examples). {names[0].upper()}{names[1:]} has leading size {n}, the batch's, but is not "
+        "split: if it is part of the batch, list it in batch_argnums= (or batch_argnames=)."
+    )
 
 
 def _call_step(
@@ -595,9 +634,18 @@ def _plan(
 
 def _init(leaf: _Leaf, place: Placement) -> Any:
     """A leaf's accumulator before the first micro-batch, typed like what it holds."""
-    acc = jax.tree.map(lambda x: _typed_carry(x, leaf.ctx.out), leaf.r.init(leaf.ctx.out, leaf.ctx))
+    made = _checks.returned_arrays(
+        leaf.r.init(leaf.ctx.out, leaf.ctx), "reduce='s Reduction.init", leaf.path, empty=False
+    )
+    acc = jax.tree.map(lambda x: _typed_carry(jnp.asarray(x), leaf.ctx.out), made)
     _check_reduction_carry(leaf, acc)
     return place.pin(acc, leaf.target)
+
+
+_CARRY_WORDING = _checks.Wording(
+    "is not laid out as {source}",
+    "changed between micro-batches (lax.scan needs a fixed carry)",
+)
 
 
 def _check_carry(before: dict[str, Any], after: dict[str, Any]) -> None:
@@ -605,25 +653,17 @@ def _check_carry(before: dict[str, Any], after: dict[str, Any]) -> None:
 
     Both maps go from a carried argument's label to its (abstract) value.
     """
-    # PyTreeDef comes from jaxlib without annotations that mypy can resolve.
-    s_before: Any = jax.tree.structure(before)
-    s_after: Any = jax.tree.structure(after)
-    if s_before != s_after:
-        raise ValueError(
-            "step_fn returned carried state with a different structure from what it "
-            f"received:\n  received: {s_before}\n  returned: {s_after}\nReturn "
-            "(outputs, new_state) where new_state has the structure of the carried argument(s)."
-        )
-    changed = [
-        f"{path}: {a.shape} {a.dtype} -> {b.shape} {b.dtype}"
-        for label in before
-        for path, a, b in _split.changed_leaves(before[label], after[label], label)
-    ]
-    if changed:
-        raise ValueError(
-            "carried state changed shape or dtype between micro-batches (lax.scan needs a "
-            "fixed carry): " + "; ".join(changed) + ". Cast the new state back in step_fn, "
-            "e.g. new.astype(old.dtype)."
+    for label in before:
+        _checks.check_layout(
+            after[label],
+            before[label],
+            (f"step_fn's new state for {label}", f"the {label} it received"),
+            "return (outputs, new_state) where new_state has the structure of the carried "
+            "argument(s).",
+            dtypes=True,
+            wording=_CARRY_WORDING,
+            shape_fix="cast the new state back in step_fn, e.g. new.astype(old.dtype).",
+            root=label,
         )
 
 
@@ -631,7 +671,7 @@ def _check_outputs(out: Any) -> Any:
     """The step's outputs as arrays; Python numbers and bools become constants."""
 
     def one(path: Any, x: Any) -> Any:
-        if isinstance(x, (jax.Array, np.ndarray, np.generic, bool, int, float, complex)):
+        if isinstance(x, _checks.ARRAY_TYPES):
             return jnp.asarray(x)
         raise TypeError(
             f"step_fn returned a {type(x).__name__} at output{jax.tree_util.keystr(path)}; "
@@ -664,7 +704,10 @@ def _check_reduction_carry(leaf: _Leaf, carry: Any) -> None:
     if any(r is b for b in _reduce.BUILTIN.values()):
         return
     step = ctx._replace(index=jnp.int32(0), weight=jnp.float32(1))
-    after = jax.eval_shape(lambda c, x: r.update(c, x, step), carry, ctx.out)
+    who = "reduce='s Reduction.update"
+    after = jax.eval_shape(
+        lambda c, x: _checks.returned_arrays(r.update(c, x, step), who, leaf.path), carry, ctx.out
+    )
     before = jax.eval_shape(lambda c: c, carry)
     types = lambda t: jax.tree.map(lambda v: (v.shape, v.dtype), t)  # noqa: E731
     s_after: Any = jax.tree.structure(after)  # PyTreeDef: no annotations mypy resolves

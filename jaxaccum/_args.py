@@ -25,9 +25,13 @@ class ArgRef:
         return self.name if self.name is not None else f"argument {self.num}"
 
     def describe(self, role: str) -> str:
-        """The argument in a sentence: ``the batch argument x`` or ``... at position 2``."""
+        """The argument in a sentence: ``the batch argument x`` or ``... at position 2``,
+        with the option that gave it its role: ``the rng argument key (rng_argnums=0)``."""
         where = self.name if self.name is not None else f"at position {self.num}"
-        return f"the {role} argument {where}" if role else f"the argument {where}"
+        if not role:
+            return f"the argument {where}"
+        option = f"{role}_argnums={self.num}" if self.num is not None else f"{role}_argnames"
+        return f"the {role} argument {where} ({option})"
 
 
 class Option(tuple[Any, ...]):
@@ -46,7 +50,13 @@ def as_tuple(value: Any, option: str, kind: type) -> tuple[Any, ...]:
 
     The result is an :class:`Option`, so later checks can name the option it came from.
     """
-    items = (value,) if isinstance(value, (int, str)) else tuple(value)
+    if isinstance(value, (int, str)):
+        items: tuple[Any, ...] = (value,)
+    elif isinstance(value, Sequence):
+        items = tuple(value)
+    else:
+        want = "a non-negative int or a tuple of them" if kind is int else "a str or a tuple of str"
+        raise TypeError(f"{option} must be {want}, got {value!r} of type {type(value).__name__}.")
     for item in items:
         if kind is int:
             if isinstance(item, bool) or not isinstance(item, int) or item < 0:

@@ -7,8 +7,9 @@ and the fix. The train-step checks take each front-end's own names (``state.opt_
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -19,26 +20,62 @@ from jaxaccum import _split
 _SHOWN = 5  # mismatched leaves listed before "and N more"
 
 
+def function(
+    value: Any,
+    name: str,
+    call: str,
+    nargs: int | None = None,
+    keywords: tuple[str, ...] = (),
+    fix: str = "pass the function itself (not its result).",
+) -> None:
+    """Raises ``TypeError`` at construction unless ``value`` can be called as ``call``.
+
+    Args:
+      value: what the user passed.
+      name: the argument, e.g. ``"weight_fn"``.
+      call: how jaxaccum calls it, e.g. ``"weight_fn(micro_batch)"``.
+      nargs: the positional arguments each call passes; checked against the signature
+        where one can be read (builtins and some C functions have none).
+      keywords: the keyword arguments each call passes besides.
+      fix: the sentence that says what to pass instead of a non-callable.
+    """
+    if not callable(value):
+        raise TypeError(f"{name} must be callable as {call}, got {type(value).__name__}; {fix}")
+    if nargs is None:
+        return
+    try:
+        signature = inspect.signature(value)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind(*range(nargs), **dict.fromkeys(keywords))
+    except TypeError as e:
+        raise TypeError(
+            f"{name} is called as {call}, but its signature {signature} does not take that "
+            f"call ({e}); change its parameters to match."
+        ) from None
+
+
 def check_functions(loss_fn: Any, weight_fn: Any, loss_call: str) -> None:
-    """Raises at construction if ``loss_fn`` or ``weight_fn`` is not callable.
+    """Raises at construction unless ``loss_fn`` and ``weight_fn`` take the calls they get.
 
     Args:
       loss_fn: the loss function given to the train step.
       weight_fn: the weight function given to the train step, or None.
       loss_call: how the step calls ``loss_fn``, e.g. ``"loss_fn(params, batch)"``.
     """
-    if not callable(loss_fn):
-        raise TypeError(
-            f"loss_fn must be callable as {loss_call}, got {type(loss_fn).__name__}; pass the "
-            "function itself (not its result) as the first argument."
-        )
-    if weight_fn is not None and not callable(weight_fn):
-        raise TypeError(
-            f"weight_fn must be callable as weight_fn(micro_batch), got "
-            f"{type(weight_fn).__name__}; pass a function returning the micro-batch's number "
-            "of valid items, e.g. weight_fn=lambda mb: mb['mask'].sum(), or None to count "
-            "every example once."
-        )
+    args = loss_call[loss_call.index("(") + 1 : -1].split(", ")
+    keywords = tuple(a.split("=")[0] for a in args if "=" in a)
+    fix = "pass the function itself (not its result) as the first argument."
+    function(loss_fn, "loss_fn", loss_call, len(args) - len(keywords), keywords, fix=fix)
+    if weight_fn is not None:
+        function(weight_fn, "weight_fn", "weight_fn(micro_batch)", 1, fix=WEIGHT_FN_FIX)
+
+
+WEIGHT_FN_FIX = (
+    "pass a function returning the micro-batch's number of valid items, e.g. "
+    "weight_fn=lambda mb: mb['mask'].sum(), or None to count every example once."
+)
 
 
 def _describe(x: Any) -> str:
@@ -46,7 +83,8 @@ def _describe(x: Any) -> str:
         return f"a {type(x).__name__} of {len(x)} item(s)"
     if hasattr(x, "shape") and hasattr(x, "dtype"):
         return f"a {x.dtype} array of shape {tuple(x.shape)}"
-    return f"a {type(x).__name__}"
+    name = type(x).__name__
+    return f"{'an' if name[0] in 'aeiouAEIOU' else 'a'} {name}"
 
 
 def split_loss(out: Any, has_aux: bool) -> tuple[Any, Any]:
@@ -80,6 +118,13 @@ def split_loss(out: Any, has_aux: bool) -> tuple[Any, Any]:
             f"loss_fn's loss{where} must be a scalar, got {_describe(loss)}; return the mean "
             "over the micro-batch's examples, e.g. jnp.mean(per_example_losses)."
         )
+    if not jnp.issubdtype(jnp.result_type(loss), jnp.floating):
+        where = " (the first item of (loss, aux))" if has_aux else ""
+        raise TypeError(
+            f"loss_fn's loss{where} must be a real floating scalar to be differentiated, got "
+            f"{_describe(loss)} of dtype {jnp.result_type(loss)}; compute it in floating point, "
+            "e.g. jnp.mean(errors.astype(jnp.float32))."
+        )
     return loss, aux
 
 
@@ -96,11 +141,11 @@ def _short(text: str, limit: int = 400) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _leaf_difference(actual: Any, expected: Any, names: tuple[str, str]) -> str:
+def _leaf_difference(actual: Any, expected: Any, names: tuple[str, str], root: str) -> str:
     """Which leaf paths only one of two trees has, e.g. ``state.opt_state[0].mu['b']``."""
     where, source = names
-    have = [path for path, _ in _split.leaves_with_paths(actual, where)]
-    want = [path for path, _ in _split.leaves_with_paths(expected, where)]
+    have = [path for path, _ in _split.leaves_with_paths(actual, root)]
+    want = [path for path, _ in _split.leaves_with_paths(expected, root)]
     parts = []
     for side, paths, other in ((where, have, want), (source, want, have)):
         only = [path for path in paths if path not in other]
@@ -126,14 +171,53 @@ def check_opt_state(
     check_layout(opt_state, jax.eval_shape(init, params), names, fix)
 
 
-def check_layout(actual: Any, expected: Any, names: tuple[str, str], fix: str) -> None:
-    """Raises unless ``actual`` has the tree structure and leaf shapes of ``expected``.
+class Wording(NamedTuple):
+    """How a layout check says what went wrong: ``structure`` when the trees differ,
+    ``shapes`` when leaves do (``{source}`` in either is filled in)."""
 
-    The one layout check of state against what its ``init`` would give (dtypes are not
-    compared): a state made for another optimizer, or for other params, fails here instead
-    of deep inside Optax. ``names`` says how the user reaches both, ``fix`` how to mend it.
+    structure: str
+    shapes: str
+
+
+STATE_WORDING = Wording(
+    "was made for another optimizer or other params",
+    "was made for params of other shapes than {source}",
+)
+
+
+def check_layout(
+    actual: Any,
+    expected: Any,
+    names: tuple[str, str],
+    fix: str,
+    *,
+    dtypes: bool = False,
+    wording: Wording = STATE_WORDING,
+    shape_fix: str | None = None,
+    root: str | None = None,
+) -> None:
+    """Raises ``ValueError`` unless ``actual`` has the tree structure and leaf shapes (and,
+    with ``dtypes``, leaf dtypes) of ``expected``.
+
+    The one check of a tree against the layout it must keep: optimizer state against what
+    its ``init`` would give (a state made for another optimizer, or for other params, fails
+    here instead of deep inside Optax), carried state and Flax collections against what
+    the micro-batch received (``lax.scan`` needs a fixed carry).
+
+    Args:
+      actual: the tree given (or returned).
+      expected: the tree whose layout it must have.
+      names: how the user reaches both, e.g. ``("state.opt_state",
+        "optimizer.init(state.params)")``; leaf paths start with the first.
+      fix: the sentence that says how to mend a different structure.
+      dtypes: compare leaf dtypes too.
+      wording: what the message says went wrong.
+      shape_fix: the sentence for different shapes or dtypes (default ``fix``).
+      root: where leaf paths start (default ``names[0]``), e.g. ``state`` in
+        ``state['count']``.
     """
     where, source = names
+    root = where if root is None else root
     # PyTreeDef comes from jaxlib without annotations that mypy can resolve.
     s_actual: Any = jax.tree.structure(actual)
     s_expected: Any = jax.tree.structure(expected)
@@ -147,19 +231,76 @@ def check_layout(actual: Any, expected: Any, names: tuple[str, str], fix: str) -
         else:
             differ = (
                 f"it has the structure\n  {_short(str(s_actual))}\nbut {source} has\n  "
-                f"{_short(str(s_expected))}\n" + _leaf_difference(actual, expected, names)
+                f"{_short(str(s_expected))}\n" + _leaf_difference(actual, expected, names, root)
             )
-        raise ValueError(f"{where} was made for another optimizer or other params: {differ}; {fix}")
+        raise ValueError(f"{where} {wording.structure.format(source=source)}: {differ}; {fix}")
+
+    def kind(x: Any) -> str:
+        return f"{np.shape(x)} {_split.leaf_dtype(x)}" if dtypes else f"{np.shape(x)}"
+
     changed = [
-        f"{path} has shape {np.shape(a)}, not {np.shape(e)}"
-        for path, a, e in _split.changed_leaves(actual, expected, where, dtypes=False)
+        f"{path} has {'' if dtypes else 'shape '}{kind(a)}, not {kind(e)}"
+        for path, a, e in _split.changed_leaves(actual, expected, root, dtypes=dtypes)
     ]
     if changed:
         more = f"; and {len(changed) - _SHOWN} more" if len(changed) > _SHOWN else ""
         raise ValueError(
-            f"{where} was made for params of other shapes than {source}: "
-            f"{'; '.join(changed[:_SHOWN])}{more}; {fix}"
+            f"{where} {wording.shapes.format(source=source)}: "
+            f"{'; '.join(changed[:_SHOWN])}{more}; {shape_fix or fix}"
         )
+
+
+ARRAY_TYPES = (jax.Array, np.ndarray, np.generic, bool, int, float, complex)
+
+
+def returned_arrays(tree: Any, who: str, where: str, *, empty: bool = True) -> Any:
+    """``tree`` if every leaf is an array or a number; else a ``TypeError`` naming ``who``.
+
+    Args:
+      tree: what a user function returned.
+      who: the function, as the user wrote it, e.g. ``"Reduction(init=...)"``.
+      where: the root of the leaf paths shown, e.g. ``"output['loss']"``.
+      empty: whether a tree without arrays (None, ``()``) is allowed.
+    """
+    if not empty and not jax.tree.leaves(tree):
+        raise TypeError(
+            f"{who} returned {tree!r} at {where}, which holds no arrays; it must return the "
+            "carry to accumulate into, e.g. jnp.zeros(out.shape, jnp.float32)."
+        )
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        if not isinstance(leaf, ARRAY_TYPES):
+            raise TypeError(
+                f"{who} returned {_describe(leaf)} at {where}{jax.tree_util.keystr(path)}; "
+                "it must return arrays (a pytree of them) or numbers."
+            )
+    return tree
+
+
+def given_arrays(tree: Any, name: str) -> Any:
+    """``tree`` if every leaf is an array or a number; else a ``TypeError`` naming the leaf."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        if not isinstance(leaf, ARRAY_TYPES):
+            raise TypeError(
+                f"{name} must be a pytree of arrays, but {name}{jax.tree_util.keystr(path)} is "
+                f"{_describe(leaf)}."
+            )
+    return tree
+
+
+def trainable(tree: Any, name: str) -> Any:
+    """``tree`` if every leaf is a floating or complex array (or number): what ``jax.grad``
+    differentiates. Otherwise a ``TypeError`` naming the leaf and the fix."""
+    given_arrays(tree, name)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        dtype = jnp.result_type(leaf)
+        if not jnp.issubdtype(dtype, jnp.inexact):
+            raise TypeError(
+                f"{name}{jax.tree_util.keystr(path)} has dtype {dtype}, but the params are "
+                "differentiated and gradients need floating (or complex) leaves; cast it, "
+                "e.g. .astype(jnp.float32), or keep integer buffers out of the params (in "
+                "the batch, or closed over by the loss)."
+            )
+    return tree
 
 
 def check_k(k: Any) -> int:
@@ -181,6 +322,16 @@ def positive_int(value: Any, name: str, hint: str = "") -> int:
     return int(value)
 
 
+def real_number(value: Any, name: str) -> float:
+    """``value`` if it is one finite real number (a Python or NumPy int or float, not a bool)."""
+    number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+        value, (bool, np.bool_)
+    )
+    if not number or not np.isfinite(value):
+        raise TypeError(f"{name} must be a finite real number, got {value!r}.")
+    return float(value)
+
+
 def flag(value: Any, name: str) -> bool:
     """``value`` if it is a bool: a string such as "no" is not taken as true."""
     if not isinstance(value, (bool, np.bool_)):
@@ -194,8 +345,9 @@ def check_unroll(unroll: Any) -> int | bool:
     raise ValueError(f"unroll must be a positive int or a bool, got {unroll!r}.")
 
 
-def check_accum_dtype(accum_dtype: Any) -> np.dtype | None:
-    """A floating dtype, or None (each leaf's own dtype: no widening)."""
+def check_accum_dtype(accum_dtype: Any, name: str = "accum_dtype") -> np.dtype | None:
+    """A floating dtype, or None (each leaf's own dtype: no widening); ``name`` is the
+    argument as the user wrote it."""
     if accum_dtype is None:
         return None
     try:
@@ -204,7 +356,7 @@ def check_accum_dtype(accum_dtype: Any) -> np.dtype | None:
         dtype = None
     if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
         raise ValueError(
-            f"accum_dtype must be a floating dtype such as float32, or None for each leaf's "
+            f"{name} must be a floating dtype such as float32, or None for each leaf's "
             f"own dtype, got {accum_dtype!r}."
         )
     return dtype

@@ -4,7 +4,9 @@ A front-end turns its own state into a :class:`Core` (params, optimizer state, c
 whatever must be carried through the micro-batches) and gives a ``forward`` function that
 runs the user's loss on one micro-batch. The engine owns everything else: the per-micro-batch
 gradient and weight, loss scaling, dropping or skipping non-finite micro-batches, the one
-weighted mean, the key of every micro-batch, and the one optimizer update.
+weighted mean, the key of every micro-batch, and the one optimizer update of the ``Core``,
+or else an :class:`Accumulated` (mean gradient, carry, finite flag, metrics) that the
+front-end's ``commit`` applies in its own way.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import optax
 
 from jaxaccum import _checks, _loss_scale, _options, _parallel, _reduce
 from jaxaccum._accumulate import accumulate
-from jaxaccum._loss_scale import DynamicLossScale, LossScaleState
+from jaxaccum._loss_scale import DynamicLossScale
 from jaxaccum._parallel import FSDP, DataAxis
 from jaxaccum._reduce import Reduce
 from jaxaccum._split import Split, check_split
@@ -128,6 +130,7 @@ def configure(
     """Checks a train step's options at once; ``call`` shows how ``loss_fn`` is called."""
     k = _checks.check_k(k)
     _checks.check_functions(loss_fn, weight_fn, call)
+    has_aux = _checks.flag(has_aux, "has_aux")
     mode = NonFinite.parse(nonfinite, "nonfinite")
     if loss_scale is not None:
         _loss_scale.check_config(loss_scale)
@@ -182,7 +185,9 @@ class Core(NamedTuple):
       skipped: updates skipped, or None where the front-end's state keeps no such count.
       carry: state carried through the micro-batches in order (Flax collections, NNX
         state other than the trained variables); ``{}`` for none.
-      loss_scale: dynamic loss-scale state, or None.
+      loss_scale: dynamic loss-scale state, or None. Its ``scale`` multiplies every
+        micro-batch's loss. A :class:`LossScaleState` is adjusted by the engine after the
+        update; a front-end's own (Flax's ``DynamicScale``) by the front-end's commit.
     """
 
     params: Any
@@ -190,7 +195,7 @@ class Core(NamedTuple):
     step: jax.Array
     skipped: jax.Array | None
     carry: Any
-    loss_scale: LossScaleState | None = None
+    loss_scale: Any = None
 
 
 # forward(params, micro_batch, carry, consts, key) -> (loss_fn's output, side); `key` is
@@ -202,15 +207,26 @@ After = Callable[[Any, Any, Any, jax.Array], tuple[Any, Any]]
 Finish = Callable[[Any, Any], Any]
 
 
-class Commit(NamedTuple):
-    """A front-end's own update of its state, run instead of the ``Core`` update.
+class Accumulated(NamedTuple):
+    """What the k micro-batches of a step leave for the update.
 
-    ``apply(state, grads, carry)`` when the update applies, ``skip(state)`` otherwise.
+    Attributes:
+      grads: the mean gradient, unscaled, in the params' dtypes.
+      carry: the carried state after the step (after the front-end's ``finish``).
+      finite: every counted micro-batch and the mean gradient are finite; with loss
+        scaling, False is an overflow.
+      metrics: the step's :class:`TrainMetrics`; ``metrics.applied`` says whether to update.
     """
 
-    state: Any
-    apply: Callable[[Any, Any, Any], Any]
-    skip: Callable[[Any], Any]
+    grads: Any
+    carry: Any
+    finite: jax.Array
+    metrics: TrainMetrics
+
+
+# commit(accumulated) -> the front-end's new state, run instead of the ``Core`` update: its
+# own update (e.g. Flax's apply_gradients) when ``metrics.applied``, its skip otherwise.
+Commit = Callable[[Accumulated], Any]
 
 
 def _keep_carry(side: Any, carry: Any, consts: Any, counted: jax.Array) -> tuple[Any, Any]:
@@ -236,7 +252,7 @@ def run(
     finish: Finish | None = None,
     commit: Commit | None = None,
 ) -> tuple[Any, TrainMetrics]:
-    """One train step: k micro-batches, then one update of ``core`` by ``tx``.
+    """One train step: k micro-batches, then one update of ``core`` by ``tx``, or ``commit``.
 
     Micro-batch ``j`` of step ``t`` gets the key ``fold_in(fold_in(key, t), j)``, for every
     k including 1. ``consts`` reach every micro-batch unchanged (traced values must travel
@@ -275,7 +291,7 @@ def _run(
     finish: Finish | None,
     commit: Commit | None,
 ) -> tuple[Any, TrainMetrics]:
-    scale = jnp.float32(1.0) if core.loss_scale is None else core.loss_scale.scale
+    scale = jnp.asarray(1.0 if core.loss_scale is None else core.loss_scale.scale, jnp.float32)
     keys = () if key is None else (jax.random.fold_in(key, core.step),)
 
     # Named as the user names them: errors about the batch say `batch['x']`.
@@ -310,28 +326,32 @@ def _run(
     result = finish_step(out, scale, core.params, e)
     if finish is not None:
         carry = finish(out["extra"], carry)
+    done = Accumulated(result.grads, carry, result.finite, result.metrics)
+    if commit is not None:  # the front-end's own update, e.g. Flax's apply_gradients
+        return commit(done), done.metrics
+    return _update_core(e, tx, core, done), done.metrics
+
+
+def _update_core(
+    e: Engine, tx: optax.GradientTransformation, core: Core, done: Accumulated
+) -> Core:
+    """One Optax update of ``core`` if the step applies, a skip otherwise; the next scale."""
 
     def apply(core: Core) -> Core:
-        updates, opt_state = tx.update(result.grads, core.opt_state, core.params)
+        updates, opt_state = tx.update(done.grads, core.opt_state, core.params)
         params = optax.apply_updates(core.params, updates)
-        return core._replace(params=params, opt_state=opt_state, step=core.step + 1, carry=carry)
+        step = core.step + 1
+        return core._replace(params=params, opt_state=opt_state, step=step, carry=done.carry)
 
     def skip(core: Core) -> Core:
         return core._replace(skipped=None if core.skipped is None else core.skipped + 1)
 
-    if commit is not None:  # the front-end's own update, e.g. Flax's apply_gradients
-        done = jax.lax.cond(
-            result.metrics.applied,
-            lambda s: commit.apply(s, result.grads, carry),
-            commit.skip,
-            commit.state,
-        )
-        return done, result.metrics
-    new = jax.lax.cond(result.metrics.applied, apply, skip, core)
+    new = jax.lax.cond(done.metrics.applied, apply, skip, core)
     if e.loss_scale is not None and core.loss_scale is not None:
-        scaled_state = _loss_scale.adjust(e.loss_scale, core.loss_scale, result.finite)
-        new = new._replace(loss_scale=scaled_state)
-    return new, result.metrics
+        new = new._replace(
+            loss_scale=_loss_scale.adjust(e.loss_scale, core.loss_scale, done.finite)
+        )
+    return new
 
 
 def _all_finite(tree: Any) -> jax.Array:

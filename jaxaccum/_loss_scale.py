@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -53,6 +53,8 @@ def check_config(config: DynamicLossScale) -> None:
             "e.g. loss_scale=jaxaccum.DynamicLossScale(init_scale=2.0**15)."
         )
     _checks.positive_int(config.growth_interval, "DynamicLossScale.growth_interval", f"in {config}")
+    for field in ("init_scale", "growth_factor", "backoff_factor", "min_scale"):
+        _checks.real_number(getattr(config, field), f"DynamicLossScale.{field}")
     if not (config.init_scale >= config.min_scale > 0):
         raise ValueError(f"loss scale needs init_scale >= min_scale > 0, got {config}.")
     if config.growth_interval < 1 or config.growth_factor < 1 or not 0 < config.backoff_factor < 1:
@@ -76,4 +78,26 @@ def adjust(config: DynamicLossScale, state: LossScaleState, finite: jax.Array) -
     return LossScaleState(
         scale=jnp.where(finite, up, down).astype(jnp.float32),
         good_steps=jnp.where(finite & ~grown, state.good_steps + 1, 0).astype(jnp.int32),
+    )
+
+
+def adjust_flax(dynamic_scale: Any, finite: jax.Array) -> Any:
+    """Flax's ``DynamicScale`` after a step whose gradient was (not) finite, by Flax's rules.
+
+    They differ from :func:`adjust`'s in three ways: a finite step grows the scale when it
+    finds ``fin_steps`` already at ``growth_interval`` (so the (growth_interval + 1)-th
+    finite step in a row grows it); growth stops at float32's largest value; and the
+    floor is ``minimum_scale``, none when it is None.
+    """
+    ds = dynamic_scale
+    scale = jnp.asarray(ds.scale, jnp.float32)
+    due = jnp.asarray(ds.fin_steps) == ds.growth_interval
+    top = jnp.finfo(jnp.float32).max
+    up = jnp.where(due, jnp.minimum(scale * ds.growth_factor, top), scale)
+    down = scale * ds.backoff_factor
+    if ds.minimum_scale is not None:
+        down = jnp.maximum(down, ds.minimum_scale)
+    return ds.replace(
+        scale=jnp.where(finite, up, down).astype(jnp.float32),
+        fin_steps=jnp.where(finite & ~due, ds.fin_steps + 1, 0).astype(jnp.int32),
     )

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxaccum import _checks, _reduce
+from jaxaccum import _checks, _equinox, _reduce
 from jaxaccum._checks import check_accum_dtype
 
 SCOPE = "jaxaccum.multi_steps"
@@ -142,6 +142,7 @@ def _require(ok: Any, staged: bool, template: str, *values: Any) -> None:
 def _as_schedule(every_k_schedule: Any) -> int | Callable[[jax.Array], Any]:
     """A constant k (validated) or the schedule function itself."""
     if callable(every_k_schedule):
+        _checks.function(every_k_schedule, "every_k_schedule", "every_k_schedule(gradient_step)", 1)
         return every_k_schedule
     k = every_k_schedule
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
@@ -157,15 +158,16 @@ def _calls_per_update(
 ) -> Any:
     if isinstance(schedule, int):
         return schedule
-    k = schedule(step)
-    if isinstance(k, (int, np.integer)) and not isinstance(k, bool):
-        _require(k >= 1, staged, _K_BAD, k, step)
-        return int(k)
-    k = jnp.asarray(k)
-    if k.shape != () or not jnp.issubdtype(k.dtype, jnp.integer):
+    value = schedule(step)
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        _require(value >= 1, staged, _K_BAD, value, step)
+        return int(value)
+    k = jnp.asarray(value) if isinstance(value, _checks.ARRAY_TYPES) else None
+    if k is None or k.shape != () or not jnp.issubdtype(k.dtype, jnp.integer):
+        got = f"{value!r}" if k is None else f"shape {k.shape} dtype {k.dtype}"
         raise TypeError(
-            f"every_k_schedule must return an integer scalar, got shape {k.shape} dtype "
-            f"{k.dtype}; e.g. lambda step: jnp.where(step < 100, 2, 8), or cast a float "
+            f"every_k_schedule must return an integer scalar, got {got}; e.g. "
+            "lambda step: jnp.where(step < 100, 2, 8), or cast a float "
             "schedule with .astype(jnp.int32)."
         )
     _require(k >= 1, staged, _K_BAD, k, step)
@@ -195,6 +197,22 @@ def _zeros_acc(p: Any, accum: np.dtype | None) -> jax.Array:
         return jnp.zeros(jnp.shape(p), dtype)
     acc = jnp.promote_types(dtype, accum) if jnp.issubdtype(dtype, jnp.inexact) else accum
     return jnp.zeros(jnp.shape(p), acc)
+
+
+def _init(inner: Any, params: Any, accum: np.dtype | None, skip_fn: Any) -> MultiStepsState:
+    """The state before the first call: empty window, the inner optimizer's initial state."""
+    step = jnp.zeros((), jnp.int32)
+    zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.asarray(p).dtype), params)
+    leaves = jax.eval_shape(lambda: jax.tree.leaves(params))
+    return MultiStepsState(
+        mini_step=jnp.zeros((), jnp.int32),
+        gradient_step=step,
+        inner_opt_state=inner.init(params),
+        acc_grads=jax.tree.map(lambda p: _zeros_acc(p, accum), params),
+        skip_state=_skip_decision(skip_fn, zeros, step, params)[1],
+        acc_weight=jnp.zeros((), _reduce.weight_dtype(accum, leaves)),
+        emitted=jnp.zeros((), jnp.bool_),
+    )
 
 
 def _check_state(state: Any, inner: Any, like_params: Any, source: str, params: Any = None) -> None:
@@ -284,7 +302,13 @@ def _no_skip(updates: Any, gradient_step: Any, params: Any) -> tuple[jax.Array, 
 
 def _skip_decision(fn: Callable[..., Any], grads: Any, step: Any, params: Any) -> tuple[Any, Any]:
     """``fn``'s verdict on this call's gradients, checked to be one bool."""
-    skip, skip_state = fn(grads, step, params)
+    verdict = fn(grads, step, params)
+    if not (isinstance(verdict, tuple) and len(verdict) == 2):
+        raise TypeError(
+            f"should_skip_update_fn must return a pair (skip, skip_state), got {verdict!r}; "
+            "e.g. return jnp.any(...), {} (optax.skip_not_finite returns such a pair)."
+        )
+    skip, skip_state = verdict
     skip = jnp.asarray(skip)
     if skip.shape != () or skip.dtype != jnp.bool_:
         raise TypeError(
@@ -324,6 +348,11 @@ def multi_steps(
     applied an update. Donate the
     state to the jitted step (``donate_argnums``) so that a non-emitting call updates
     the sums in place and leaves the inner state's buffers alone.
+
+    The params may be an Equinox module: ``init(model)`` and ``update(grads, state,
+    model)`` take its inexact arrays, as ``eqx.filter(model, eqx.is_inexact_array)``
+    selects (the gradients of ``eqx.filter_grad``), and the updates hold None elsewhere,
+    ready for ``eqx.apply_updates(model, updates)``.
 
     Args:
       optimizer: the inner ``optax.GradientTransformation``; extra keyword arguments of
@@ -410,26 +439,19 @@ def multi_steps(
     accum = check_accum_dtype(accum_dtype)
     _checks.flag(use_grad_mean, "use_grad_mean")
     _checks.flag(runtime_checks, "runtime_checks")
-    if should_skip_update_fn is not None and not callable(should_skip_update_fn):
-        raise TypeError(
-            "should_skip_update_fn must be callable (grads, gradient_step, params) -> (skip, "
-            f"skip_state), got {type(should_skip_update_fn).__name__}; e.g. "
-            "optax.skip_not_finite."
+    if should_skip_update_fn is not None:
+        _checks.function(
+            should_skip_update_fn,
+            "should_skip_update_fn",
+            "should_skip_update_fn(grads, gradient_step, params) -> (skip, skip_state)",
+            3,
+            fix="e.g. optax.skip_not_finite.",
         )
     skip_fn = should_skip_update_fn or _no_skip
 
     def init(params: Any) -> MultiStepsState:
-        step = jnp.zeros((), jnp.int32)
-        zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.asarray(p).dtype), params)
-        leaves = jax.eval_shape(lambda: jax.tree.leaves(params))
-        return MultiStepsState(
-            mini_step=jnp.zeros((), jnp.int32),
-            gradient_step=step,
-            inner_opt_state=inner.init(params),
-            acc_grads=jax.tree.map(lambda p: _zeros_acc(p, accum), params),
-            skip_state=_skip_decision(skip_fn, zeros, step, params)[1],
-            acc_weight=jnp.zeros((), _reduce.weight_dtype(accum, leaves)),
-            emitted=jnp.zeros((), jnp.bool_),
+        return _init(
+            inner, _checks.given_arrays(_equinox.trained(params), "params"), accum, skip_fn
         )
 
     def update(
@@ -440,7 +462,8 @@ def multi_steps(
         weight: Any = None,
         **extra_args: Any,
     ) -> tuple[Any, MultiStepsState]:
-        _check_state(state, inner, grads, "the gradients", params)
+        grads, params = _equinox.trained(grads), _equinox.trained(params)
+        _check_state(state, inner, grads, "updates (the gradients)", params)
         with jax.named_scope(SCOPE):
             k = _calls_per_update(schedule, state.gradient_step, runtime_checks)
             skip, skip_state = _skip_decision(skip_fn, grads, state.gradient_step, params)
@@ -592,6 +615,7 @@ def flush(
     if isinstance(optimizer, MultiStepsTransformation):
         optimizer, mean = optimizer.inner, optimizer.use_grad_mean
     inner = _as_inner(optimizer)
+    params = _equinox.trained(params)
     like = getattr(state, "acc_grads", None) if params is None else params
     _check_state(state, inner, like, "the params" if params is not None else "state.acc_grads")
     if not _is_traced(state.mini_step) and int(state.mini_step) == 0:

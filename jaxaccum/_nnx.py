@@ -11,11 +11,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 
-from jaxaccum import _bn, _checks, _docs, _engine
+from jaxaccum import _bn, _checks, _docs, _engine, _loss_scale
 from jaxaccum._bn import BatchNormMode
 from jaxaccum._engine import NonFinite, TrainMetrics, TrainStep
+from jaxaccum._loss_scale import DynamicLossScale, LossScaleState
 from jaxaccum._parallel import FSDP, DataAxis
 from jaxaccum._reduce import Reduce
 from jaxaccum._split import Split
@@ -104,6 +106,7 @@ def nnx_train_step(
     weight_fn: Callable[[Any], Any] | None = None,
     has_aux: bool = False,
     nonfinite: NonFinite | str = NonFinite.SKIP,
+    loss_scale: DynamicLossScale | None = None,
     split: Split | str = Split.STRIDED,
     unroll: int | bool = 1,
     data_axis: DataAxis | None = None,
@@ -143,6 +146,13 @@ def nnx_train_step(
         model's state, ``optimizer.opt_state`` and ``optimizer.step`` stay bitwise
         unchanged) or ``"drop"`` (only bad micro-batches are left out; carried state keeps
         its value from before a dropped micro-batch; not with ``batch_norm="exact"``).
+      loss_scale: a :class:`jaxaccum.DynamicLossScale` for float16 compute, or None, as in
+        :func:`jaxaccum.train_step`: each micro-batch's loss is multiplied by the scale and
+        the accumulated gradient divided by it once; an overflow skips the update as
+        ``"skip"`` does and lowers the scale, and ``growth_interval`` finite steps in a
+        row raise it. The optimizer keeps the :class:`jaxaccum.LossScaleState` in
+        ``optimizer.loss_scale``, an ``nnx.OptState`` that ``init`` adds. Requires
+        ``nonfinite="skip"``.
       split: how the batch is split; see :data:`jaxaccum.Split`.
       unroll: micro-batches per loop iteration (see :func:`jaxaccum.accumulate`; u > 1
         keeps about u micro-batches' activations alive).
@@ -152,7 +162,10 @@ def nnx_train_step(
       A :class:`jaxaccum.TrainStep` ``(init, update)``, callable as ``update``.
 
       ``init(model, tx, wrt=nnx.Param)`` builds the ``nnx.Optimizer`` of ``model`` with a
-      ``skipped`` counter (an ``nnx.OptState``); an optimizer built by hand works too.
+      ``skipped`` counter (an ``nnx.OptState``), and with ``loss_scale`` the scale's state
+      in ``optimizer.loss_scale``; an optimizer built by hand works too (give it
+      ``optimizer.loss_scale = nnx.OptState(jaxaccum.LossScaleState(jnp.float32(scale),
+      jnp.int32(0)))`` for ``loss_scale``).
 
       ``update(model, optimizer, batch, key=None) -> TrainMetrics`` updates ``model`` and
       ``optimizer`` in place, as ``optimizer.update(model, grads)`` does; wrap it in
@@ -171,13 +184,15 @@ def nnx_train_step(
       ``nnx.Variable`` (as ``init`` gives it), it is incremented.
 
     Raises:
-      ValueError: for a bad ``k``, ``batch_norm`` or ``nonfinite`` at once; at trace time,
-        for ``batch_norm="exact"`` with a BatchNorm not in training mode, state that
-        changes structure, shape or dtype during a micro-batch, or an
+      ValueError: for a bad ``k``, ``batch_norm``, ``nonfinite`` or loss-scale setting at
+        once; at trace time, for ``batch_norm="exact"`` with a BatchNorm not in training
+        mode, state that changes structure, shape or dtype during a micro-batch, an
         ``optimizer.opt_state`` whose structure or leaf shapes differ from
         ``optimizer.tx.init`` of the model's trained variables (an optimizer built for
-        another model).
-      TypeError: for a ``loss_fn`` or ``weight_fn`` that is not callable at once; at trace
+        another model), or ``loss_scale`` with an optimizer that holds no
+        ``loss_scale`` (or one that holds it, without ``loss_scale``).
+      TypeError: for a ``loss_fn`` or ``weight_fn`` that is not callable or a
+        ``loss_scale`` of the wrong type at once; at trace
         time, for a model that is not an ``nnx.Module``, an optimizer that is not an
         ``nnx.Optimizer``, a ``key`` that is not one PRNG key, or a ``loss_fn`` whose
         output does not match ``has_aux`` or whose loss is not a scalar.
@@ -204,6 +219,27 @@ def nnx_train_step(
       >>> # one momentum update (0.99) from the whole batch's mean, 15, 16:
       >>> [round(float(m), 4) for m in model.norm.mean[...]]
       [0.15, 0.16]
+
+      ``loss_scale`` for float16 compute. The loss here is float16, so the first scale,
+      2**16, is beyond float16's largest value (65504): the step overflows, is skipped and
+      halves the scale; the next one applies.
+
+      >>> class Half(nnx.Module):
+      ...     def __init__(self, rngs):
+      ...         self.linear = nnx.Linear(2, 1, dtype=jnp.float16, rngs=rngs)
+      ...     def __call__(self, x):
+      ...         return self.linear(x)[:, 0]
+      >>> scaling = jaxaccum.DynamicLossScale(init_scale=2.0**16)
+      >>> step = jaxaccum.flax.nnx_train_step(loss_fn, k=4, loss_scale=scaling)
+      >>> model = Half(nnx.Rngs(0))
+      >>> optimizer = step.init(model, optax.sgd(0.1))  # with optimizer.loss_scale
+      >>> small = {"x": x / 32, "y": (y / 16).astype(jnp.float16)}
+      >>> for _ in range(2):
+      ...     metrics = nnx.jit(step.update)(model, optimizer, small)
+      ...     scale = optimizer.loss_scale.get_value().scale
+      ...     print(bool(metrics.applied), float(scale), int(optimizer.step[...]))
+      False 32768.0 0
+      True 32768.0 1
     """
     engine = _engine.configure(
         loss_fn,
@@ -213,6 +249,7 @@ def nnx_train_step(
         has_aux=has_aux,
         aux_reduce=aux_reduce,
         nonfinite=nonfinite,
+        loss_scale=loss_scale,
         split=split,
         unroll=unroll,
         data_axis=data_axis,
@@ -230,15 +267,56 @@ def nnx_train_step(
             "or batch_norm='sequential'."
         )
 
-    return TrainStep(init=_init, update=functools.partial(_update, engine, loss_fn, exact))
+    return TrainStep(
+        init=functools.partial(_init, loss_scale),
+        update=functools.partial(_update, engine, loss_fn, exact),
+    )
 
 
-def _init(model: nnx.Module, tx: Any, wrt: Any = nnx.Param) -> nnx.Optimizer[Any]:
-    """The step's ``init``: the model's ``nnx.Optimizer``, with a ``skipped`` counter."""
+def _init(
+    loss_scale: DynamicLossScale | None, model: nnx.Module, tx: Any, wrt: Any = nnx.Param
+) -> nnx.Optimizer[Any]:
+    """The step's ``init``: the model's ``nnx.Optimizer``, with a ``skipped`` counter and
+    the loss scale's state."""
+    if not isinstance(model, nnx.Module):
+        raise TypeError(
+            f"init(model, tx) needs an nnx.Module as model, got {type(model).__name__}."
+        )
+    if not isinstance(tx, optax.GradientTransformation):
+        raise TypeError(
+            "init(model, tx) needs an optax.GradientTransformation as tx (e.g. "
+            f"optax.adam(1e-3)), got {type(tx).__name__}."
+        )
     optimizer = nnx.Optimizer(model, tx, wrt=wrt)
     # A counter the step increments on every skipped update.
     optimizer.skipped = nnx.OptState(jnp.zeros((), jnp.int32))  # type: ignore[attr-defined]
+    if loss_scale is not None:
+        scale = nnx.OptState(_loss_scale.init(loss_scale))
+        optimizer.loss_scale = scale  # type: ignore[attr-defined]
     return optimizer
+
+
+def _held_scale(optimizer: nnx.Optimizer[Any], engine: _engine.Engine) -> nnx.Variable[Any] | None:
+    """The optimizer's ``loss_scale`` variable, checked against the step's ``loss_scale=``."""
+    held = getattr(optimizer, "loss_scale", None)
+    if engine.loss_scale is None and held is not None:
+        raise ValueError(
+            "optimizer.loss_scale holds a loss scale, but the step was built without "
+            "loss_scale=; build it with the settings the optimizer was made with, "
+            "nnx_train_step(..., loss_scale=jaxaccum.DynamicLossScale(...)), or remove it: "
+            "del optimizer.loss_scale."
+        )
+    if engine.loss_scale is not None and not (
+        isinstance(held, nnx.Variable) and isinstance(held.get_value(), LossScaleState)
+    ):
+        raise ValueError(
+            f"nnx_train_step(..., loss_scale={engine.loss_scale}) keeps the scale in "
+            "optimizer.loss_scale, which this optimizer does not hold; build it with the "
+            "step's init, step.init(model, tx), or add it: optimizer.loss_scale = "
+            "nnx.OptState(jaxaccum.LossScaleState(jnp.float32(init_scale), jnp.int32(0))), "
+            f"with init_scale={engine.loss_scale.init_scale}."
+        )
+    return held
 
 
 def _update(
@@ -288,12 +366,14 @@ def _update(
         return _bn.merge(rest, first, second, momenta, _keys) if exact else rest
 
     skipped = getattr(optimizer, "skipped", None)
+    scale = _held_scale(optimizer, engine)
     core = _engine.Core(
         params,
         nnx.as_pure(optimizer.opt_state),
         optimizer.step[...],
         skipped[...] if isinstance(skipped, nnx.Variable) else None,
         rest,
+        None if scale is None else scale.get_value(),
     )
     core, metrics = _engine.run(
         engine,
@@ -311,4 +391,6 @@ def _update(
     optimizer.step[...] = core.step
     if isinstance(skipped, nnx.Variable) and core.skipped is not None:
         skipped[...] = core.skipped
+    if scale is not None:
+        scale.set_value(core.loss_scale)
     return metrics

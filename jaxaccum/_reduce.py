@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxaccum import _options, _parallel
+from jaxaccum import _checks, _options, _parallel
 
 
 class Reduce(_options.Option):
@@ -85,6 +85,16 @@ class ReduceContext(NamedTuple):
     axes: tuple[str, ...] = ()
 
 
+_PHASES = (  # each function of a Reduction, how the loop calls it, and its argument count
+    ("init", "init(out, ctx)", 2),
+    ("update", "update(carry, out_j, ctx)", 3),
+    ("finalize", "finalize(carry, ctx)", 2),
+    ("aggregate", "aggregate(values)", 1),
+    ("combine", "combine(carry, ctx)", 2),
+    ("check", "check(out, path, ctx)", 3),
+)
+
+
 @dataclasses.dataclass(frozen=True, eq=False, repr=False)
 class Reduction:
     """A user-defined reduction of one output leaf over micro-batches.
@@ -131,6 +141,14 @@ class Reduction:
     combine: Callable[[Any, ReduceContext], Any] | None = None
     check: Callable[[Any, str, ReduceContext], None] | None = None
     name: str = "custom"
+
+    def __post_init__(self) -> None:
+        for field, call, nargs in _PHASES:
+            value = getattr(self, field)
+            if value is not None or field in ("init", "update", "finalize"):
+                _checks.function(value, f"Reduction({field}=...)", call, nargs)
+        if not isinstance(self.name, str):
+            raise TypeError(f"Reduction(name=...) must be a str, got {self.name!r}.")
 
     def __repr__(self) -> str:
         return f"Reduction({self.name})"

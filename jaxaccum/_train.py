@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxaccum import _checks, _docs, _engine, _loss_scale
+from jaxaccum import _checks, _docs, _engine, _equinox, _loss_scale, _split
 from jaxaccum._engine import NonFinite, TrainMetrics, TrainStep
 from jaxaccum._loss_scale import DynamicLossScale, LossScaleState
 from jaxaccum._parallel import FSDP, DataAxis
@@ -22,7 +22,8 @@ class TrainState(NamedTuple):
     """Everything a training run carries from one step to the next.
 
     Attributes:
-      params: the model parameters.
+      params: the model parameters: any pytree of arrays, or an Equinox module (whole; its
+        inexact arrays are the trained ones).
       opt_state: the Optax optimizer state.
       step: optimizer updates applied so far (int32). Schedules inside the optimizer see
         this count, never micro-step indices.
@@ -31,6 +32,9 @@ class TrainState(NamedTuple):
         ``j`` ``fold_in(fold_in(key, t), j)``, so a restart from a checkpoint replays the
         same stream.
       loss_scale: dynamic loss-scale state, or None when loss scaling is off.
+      model_state: with ``has_state``, the model's mutable state (any pytree of arrays, e.g.
+        an ``eqx.nn.State`` with BatchNorm statistics), threaded through the micro-batches
+        in order; None otherwise.
     """
 
     params: Any
@@ -39,6 +43,7 @@ class TrainState(NamedTuple):
     skipped: jax.Array
     key: jax.Array | None = None
     loss_scale: LossScaleState | None = None
+    model_state: Any = None
 
 
 @_docs.shared_step_args
@@ -49,6 +54,7 @@ def train_step(
     *,
     weight_fn: Callable[[Any], Any] | None = None,
     has_aux: bool = False,
+    has_state: bool = False,
     with_key: bool = False,
     nonfinite: NonFinite | str = NonFinite.SKIP,
     loss_scale: DynamicLossScale | None = None,
@@ -68,17 +74,29 @@ def train_step(
     schedules, weight decay) acts once per step on the accumulated gradient, exactly as
     on a full batch of N examples.
 
+    The params may be an Equinox module (or a pytree holding some): its inexact arrays
+    are trained, as ``eqx.filter(params, eqx.is_inexact_array)`` selects, and everything
+    else in it (activation functions, integer buffers) passes through unchanged;
+    ``state.params`` stays the whole module. Jit such a step with ``eqx.filter_jit``.
+
     Args:
       loss_fn: ``loss_fn(params, batch)`` (or ``loss_fn(params, batch, key)`` with
         ``with_key``) returning a scalar loss that is a mean over the micro-batch's
         examples (or over its valid items, with ``weight_fn``), or ``(loss, aux)`` with
-        ``has_aux``.
+        ``has_aux``. With ``has_state``, ``loss_fn(params, model_state, batch[, key])``
+        returning ``(that output, new model_state)``.
       optimizer: any ``optax.GradientTransformation``.
       k: micro-batches per update.
       weight_fn: ``weight_fn(micro_batch)`` returning its number of valid items (e.g.
         ``lambda mb: mb["mask"].sum()``); the gradient is then the exact item-weighted
         mean. Default: every example counts once.
       has_aux: ``loss_fn`` returns ``(loss, aux)``.
+      has_state: the model has mutable state (any pytree of arrays, e.g. the
+        ``eqx.nn.State`` holding Equinox's BatchNorm statistics), kept in
+        ``TrainState.model_state``: micro-batch j gets the state micro-batch j - 1
+        returned, as a loop over the micro-batches would thread it, and the update keeps
+        the last one (a skipped update keeps the state it started from; a micro-batch
+        dropped by ``nonfinite="drop"`` leaves the state as it found it).
       with_key: pass each micro-batch a distinct key derived from ``TrainState.key``.
       nonfinite: ``"skip"`` or ``"drop"``; see :data:`NonFinite`.
       loss_scale: a :class:`DynamicLossScale` for float16 compute, or None. With it, any
@@ -90,7 +108,8 @@ def train_step(
       <shared step args>
 
     Returns:
-      A :class:`TrainStep` ``(init, update)``.
+      A :class:`TrainStep` ``(init, update)``: ``init(params, key=None,
+      model_state=None)`` and ``update(state, batch)``.
 
       ``init(params)`` keeps the arrays it is given (no copy, so no extra memory): after
       ``jax.jit(step.update, donate_argnums=0)`` has run once, the caller's ``params``
@@ -100,10 +119,13 @@ def train_step(
     Raises:
       ValueError: for a bad ``k``, ``nonfinite`` or loss-scale setting at once; at trace
         time, for a ``state.opt_state`` whose structure or leaf shapes differ from
-        ``optimizer.init(state.params)`` (a state made for another optimizer or params).
+        ``optimizer.init(state.params)`` (a state made for another optimizer or params),
+        or a ``model_state`` returned by ``loss_fn`` with another layout than it was given.
       TypeError: for a non-Optax ``optimizer``, a ``loss_scale`` of the wrong type, or a
-        ``loss_fn`` or ``weight_fn`` that is not callable at once; at trace time, for a
-        ``loss_fn`` whose output does not match ``has_aux`` or whose loss is not a scalar.
+        ``loss_fn`` or ``weight_fn`` that is not callable at once; a ``model_state``
+        missing with ``has_state`` or given without it; at trace time, for a ``loss_fn``
+        whose output does not match ``has_aux`` or ``has_state`` or whose loss is not a
+        scalar.
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax, jaxaccum
@@ -162,10 +184,26 @@ def train_step(
       >>> state, metrics = step.update(state, half)
       >>> bool(metrics.applied), float(state.loss_scale.scale)
       (False, 16384.0)
+
+      ``has_state``: the model state is threaded through the micro-batches in order, here a
+      running mean of the inputs with momentum 0.5 (an Equinox model passes its
+      ``eqx.nn.State`` the same way; see the Equinox guide).
+
+      >>> def tracking(w, running, mb):
+      ...     running = 0.5 * running + 0.5 * mb["x"].mean(0)
+      ...     return loss_fn(w, mb), running
+      >>> step = jaxaccum.train_step(tracking, optax.sgd(0.1), k=4, has_state=True)
+      >>> state = step.init(jnp.zeros(3), model_state=jnp.zeros(3))
+      >>> state, _ = step.update(state, {"x": batch["x"], "y": batch["y"]})
+      >>> state.model_state.tolist()  # 1 - 0.5**4 after four micro-batches of ones
+      [0.9375, 0.9375, 0.9375]
     """
+    has_state = _checks.flag(has_state, "has_state")
+    with_key = _checks.flag(with_key, "with_key")
     engine = _engine.configure(
         loss_fn,
-        "loss_fn(params, batch, key)" if with_key else "loss_fn(params, batch)",
+        ("loss_fn(params, model_state, batch" if has_state else "loss_fn(params, batch")
+        + (", key)" if with_key else ")"),
         k,
         weight_fn=weight_fn,
         has_aux=has_aux,
@@ -184,47 +222,139 @@ def train_step(
         raise TypeError(
             f"optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}."
         )
+    forward = _forward(loss_fn, has_state)
 
-    def init(params: Any, key: jax.Array | None = None) -> TrainState:
+    def init(params: Any, key: jax.Array | None = None, model_state: Any = None) -> TrainState:
         if with_key and key is None:
             raise TypeError("train_step(..., with_key=True) needs init(params, key=...).")
+        if key is not None:
+            _checks.check_key(key, "init(params, key=...)'s key")
+        _check_model_state(model_state, has_state, "init(params, model_state=...)")
         return TrainState(
             params=params,
-            opt_state=optimizer.init(params),
+            opt_state=optimizer.init(_equinox.trained(params)),
             step=jnp.zeros((), jnp.int32),
             skipped=jnp.zeros((), jnp.int32),
             key=key,
             loss_scale=None if loss_scale is None else _loss_scale.init(loss_scale),
+            model_state=model_state,
         )
-
-    def forward(params: Any, batch: Any, carry: Any, consts: Any, key: Any) -> tuple[Any, None]:
-        return loss_fn(params, batch, *(() if key is None else (key,))), None
 
     def update(state: TrainState, batch: Any) -> tuple[TrainState, TrainMetrics]:
-        _checks.check_opt_state(
-            state.opt_state,
-            optimizer.init,
-            state.params,
-            ("state.opt_state", "optimizer.init(state.params)"),
-            "create the state with this step's own init, step.init(params), or to switch "
-            "optimizers keep the params and start a new optimizer state: "
-            "state._replace(opt_state=optimizer.init(state.params)).",
-        )
-        if with_key and state.key is None:
-            raise TypeError("train_step(..., with_key=True) needs a TrainState with a key.")
+        trained, rest = _check_state(state, optimizer, with_key, has_state)
+        carry = state.model_state if has_state else {}
         core = _engine.Core(
-            state.params, state.opt_state, state.step, state.skipped, {}, state.loss_scale
+            trained, state.opt_state, state.step, state.skipped, carry, state.loss_scale
         )
         core, metrics = _engine.run(
-            engine, optimizer, core, batch, forward, key=state.key if with_key else None
+            engine,
+            optimizer,
+            core,
+            batch,
+            forward,
+            key=state.key if with_key else None,
+            consts=rest,
+            after=_next_state,
         )
         new_state = state._replace(
-            params=core.params,
+            params=_equinox.merge(core.params, rest),
             opt_state=core.opt_state,
             step=core.step,
             skipped=state.skipped if core.skipped is None else core.skipped,
             loss_scale=core.loss_scale,
+            model_state=core.carry if has_state else state.model_state,
         )
         return new_state, metrics
 
     return TrainStep(init=init, update=update)
+
+
+def _forward(loss_fn: Callable[..., Any], has_state: bool) -> _engine.Forward:
+    """Runs ``loss_fn`` on one micro-batch; the model state it returns travels as the side.
+
+    ``rest`` is what the optimizer does not see (for an Equinox module, everything but its
+    inexact arrays), put back around the trained leaves before ``loss_fn`` is called.
+    """
+
+    def forward(params: Any, batch: Any, carry: Any, rest: Any, key: Any) -> tuple[Any, Any]:
+        model = _equinox.merge(params, rest)
+        keys = () if key is None else (key,)
+        if not has_state:
+            return loss_fn(model, batch, *keys), carry
+        return _split_state(loss_fn(model, carry, batch, *keys), carry)
+
+    return forward
+
+
+def _split_state(out: Any, before: Any) -> tuple[Any, Any]:
+    """``loss_fn``'s ``(output, model_state)``, checked to keep the state's layout."""
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+        raise TypeError(
+            "with has_state=True, loss_fn must return (loss, model_state), or "
+            f"((loss, aux), model_state) with has_aux, but it returned a {type(out).__name__}; "
+            "return the state the model gave back, e.g. `y, model_state = model(x, "
+            "model_state)`."
+        )
+    out, after = out
+    # PyTreeDef comes from jaxlib without annotations that mypy can resolve.
+    s_before: Any = jax.tree.structure(before)
+    s_after: Any = jax.tree.structure(after)
+    changed = [] if s_before != s_after else _split.changed_leaves(before, after, "model_state")
+    if s_before != s_after or changed:
+        what = (
+            f"the structure\n  {s_after}\ninstead of\n  {s_before}"
+            if s_before != s_after
+            else ", ".join(f"{p} of shape {a.shape} {a.dtype}" for p, _, a in changed[:3])
+        )
+        raise ValueError(
+            f"loss_fn returned a model_state with {what}; the state threaded through the "
+            "micro-batches must keep the structure, shapes and dtypes of state.model_state."
+        )
+    return out, after
+
+
+def _next_state(new: Any, carry: Any, rest: Any, counted: jax.Array) -> tuple[None, Any]:
+    """The state the next micro-batch starts from: the one ``loss_fn`` returned, or the
+    one before it for a micro-batch left out (``nonfinite="drop"``)."""
+    return None, jax.tree.map(lambda n, o: jnp.where(counted, n, o), new, carry)
+
+
+def _check_state(
+    state: TrainState, optimizer: optax.GradientTransformation, with_key: bool, has_state: bool
+) -> tuple[Any, Any]:
+    """The trained part of ``state.params`` and the rest (see :func:`_equinox.split`);
+    raises unless ``state`` fits the step: its params, optimizer state, key and model state."""
+    if not isinstance(state, TrainState):
+        raise TypeError(
+            "state must be the TrainState that this step's init(params) returned (or a "
+            f"later update), got {type(state).__name__}."
+        )
+    trained, rest = _equinox.split(state.params)
+    _checks.trainable(trained, "state.params")
+    _checks.check_opt_state(
+        state.opt_state,
+        optimizer.init,
+        trained,
+        ("state.opt_state", "optimizer.init(state.params)"),
+        "create the state with this step's own init, step.init(params), or to switch "
+        "optimizers keep the params and start a new optimizer state: "
+        "state._replace(opt_state=optimizer.init(state.params)).",
+    )
+    if with_key and state.key is None:
+        raise TypeError("train_step(..., with_key=True) needs a TrainState with a key.")
+    _check_model_state(state.model_state, has_state, "a TrainState with a model_state")
+    return trained, rest
+
+
+def _check_model_state(model_state: Any, has_state: bool, where: str) -> None:
+    if has_state and model_state is None:
+        raise TypeError(
+            f"train_step(..., has_state=True) needs {where}: the model's mutable state, e.g. "
+            "the eqx.nn.State of `model, model_state = eqx.nn.make_with_state(Model)(...)`."
+        )
+    if not has_state and model_state is not None:
+        raise TypeError(
+            "got a model_state, but the step was built without has_state=True; build it with "
+            "has_state=True and a loss_fn(params, model_state, batch) that returns "
+            "(loss, model_state)."
+        )

@@ -14,12 +14,15 @@ import flax.errors
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 from flax import struct
 from flax.training import train_state
+from flax.training.dynamic_scale import DynamicScale
 
-from jaxaccum import _bn, _checks, _docs, _engine, _options, _split
+from jaxaccum import _bn, _checks, _docs, _engine, _loss_scale, _options
 from jaxaccum._bn import BatchNormMode
 from jaxaccum._engine import NonFinite, TrainMetrics, TrainStep
+from jaxaccum._loss_scale import DynamicLossScale, LossScaleState
 from jaxaccum._nnx import nnx_train_step as nnx_train_step
 from jaxaccum._parallel import FSDP, DataAxis
 from jaxaccum._reduce import Reduce
@@ -80,11 +83,14 @@ class TrainState(train_state.TrainState):
         ``fold_in(fold_in(key, t), j)``, and the i-th name in ``rngs`` (``"dropout"``)
         ``fold_in`` of that with i.
       skipped: updates skipped because a gradient was not finite.
+      loss_scale: the dynamic loss-scale state of a step built with ``loss_scale=``
+        (:class:`jaxaccum.LossScaleState`), or None.
     """
 
     collections: dict[str, Any] = struct.field(default_factory=dict)
     key: jax.Array | None = None
     skipped: jax.Array | int = 0
+    loss_scale: LossScaleState | None = None
 
     @classmethod
     def from_variables(
@@ -94,6 +100,7 @@ class TrainState(train_state.TrainState):
         tx: Any,
         *,
         key: jax.Array | None = None,
+        loss_scale: DynamicLossScale | None = None,
     ) -> TrainState:
         """Builds the state from ``model.init``'s output: ``params`` and every other collection.
 
@@ -102,6 +109,8 @@ class TrainState(train_state.TrainState):
           variables: what ``model.init(...)`` returned.
           tx: an Optax ``GradientTransformation``.
           key: base PRNG key for dropout and other ``rngs``, or None.
+          loss_scale: the :class:`jaxaccum.DynamicLossScale` of a step built with
+            ``loss_scale=``: the state starts at its ``init_scale``. None: no loss scaling.
 
         Returns:
           A :class:`TrainState` at step 0. It holds the very arrays in ``variables`` (no
@@ -109,8 +118,23 @@ class TrainState(train_state.TrainState):
           call; pass ``jax.tree.map(jnp.copy, variables)`` to keep the originals usable.
 
         Raises:
-          ValueError: if ``variables`` has no ``params`` collection.
+          ValueError: if ``variables`` has no ``params`` collection, or for a bad
+            ``loss_scale`` setting.
+          TypeError: for a ``loss_scale`` that is not a :class:`jaxaccum.DynamicLossScale`.
         """
+        if loss_scale is not None:
+            _loss_scale.check_config(loss_scale)
+        _checks.function(apply_fn, "apply_fn", "apply_fn(variables, x)", fix="pass model.apply.")
+        if not isinstance(variables, Mapping):
+            raise TypeError(
+                f"variables must be the dict of collections that model.init(key, x) returns, "
+                f"got {type(variables).__name__}."
+            )
+        if not isinstance(tx, optax.GradientTransformation):
+            raise TypeError(
+                f"tx must be an optax.GradientTransformation (e.g. optax.adam(1e-3)), got "
+                f"{type(tx).__name__}."
+            )
         rest = dict(variables)
         if "params" not in rest:
             raise ValueError(
@@ -125,6 +149,7 @@ class TrainState(train_state.TrainState):
             collections=rest,
             key=key,
             skipped=jnp.zeros((), jnp.int32),
+            loss_scale=None if loss_scale is None else _loss_scale.init(loss_scale),
         )
 
 
@@ -145,6 +170,31 @@ def _modes(
         )
         for name in names
     }
+
+
+def _collection_options(
+    collections: Any, rngs: Any
+) -> tuple[dict[str, CollectionMode], tuple[str, ...]]:
+    """``collections=`` as modes by name and ``rngs=`` as a tuple of names, checked."""
+    if collections is not None and not isinstance(collections, Mapping):
+        raise TypeError(
+            "collections must be a mapping from collection name to mode, got "
+            f"{collections!r}; e.g. collections={{'intermediates': 'mean'}}."
+        )
+    if (
+        isinstance(rngs, str)
+        or not isinstance(rngs, Sequence)
+        or not all(isinstance(name, str) for name in rngs)
+    ):
+        raise TypeError(
+            f"rngs must be a sequence of PRNG stream names, got {rngs!r}; e.g. "
+            "rngs=('dropout',), or rngs=() for a model that draws no random numbers."
+        )
+    modes = {
+        name: CollectionMode.parse(mode, f"collections[{name!r}]")
+        for name, mode in dict(collections or {}).items()
+    }
+    return modes, tuple(rngs)
 
 
 def _takes_params(loss_fn: Callable[..., Any]) -> bool:
@@ -192,6 +242,7 @@ def train_step(
     weight_fn: Callable[[Any], Any] | None = None,
     has_aux: bool = False,
     nonfinite: NonFinite | str = NonFinite.SKIP,
+    loss_scale: DynamicLossScale | None = None,
     split: Split | str = Split.STRIDED,
     unroll: int | bool = 1,
     data_axis: DataAxis | None = None,
@@ -224,6 +275,14 @@ def train_step(
         optimizer state, step, collections and key are unchanged, ``skipped`` increments) or
         ``"drop"`` (only bad micro-batches are left out; sequential collections keep the
         value from before a dropped micro-batch; not with other collection modes).
+      loss_scale: a :class:`jaxaccum.DynamicLossScale` for float16 compute, or None, as in
+        :func:`jaxaccum.train_step`: each micro-batch's loss is multiplied by the scale and
+        the accumulated gradient divided by it once; an overflow (any non-finite
+        micro-batch) skips the update as ``"skip"`` does and lowers the scale, and
+        ``growth_interval`` finite steps in a row raise it. The scale lives in the
+        state's ``loss_scale`` (``init`` starts it). Requires ``nonfinite="skip"``. A state
+        whose ``dynamic_scale`` field holds a ``flax.training.dynamic_scale.DynamicScale``
+        (Flax's ImageNet example) drives the scaling without this option, by Flax's rules.
       split: how the batch is split; see :data:`jaxaccum.Split`.
       unroll: micro-batches per loop iteration (see :func:`jaxaccum.accumulate`; u > 1
         keeps about u micro-batches' activations alive).
@@ -232,7 +291,8 @@ def train_step(
     Returns:
       A :class:`jaxaccum.TrainStep` ``(init, update)``, callable as ``update``.
 
-      ``init(apply_fn, variables, tx, key=None)`` is :meth:`TrainState.from_variables`.
+      ``init(apply_fn, variables, tx, key=None)`` is :meth:`TrainState.from_variables`
+      with this step's ``loss_scale``.
 
       ``update(state, batch) -> (state, TrainMetrics)``, to be jitted (donate the state).
       ``state`` is a :class:`TrainState`, Flax's own
@@ -241,7 +301,11 @@ def train_step(
       fields are read and written back. With ``rngs``, a state with a ``key`` field gives
       micro-batch ``j`` of step ``t`` the stream keys ``fold_in(fold_in(fold_in(key, t),
       j), i)``, the i-th name in ``rngs`` taking ``i``; a second ``apply`` call in the
-      same micro-batch folds in its call index once more.
+      same micro-batch folds in its call index once more. A state with a ``dynamic_scale``
+      that is not None scales each micro-batch's loss by ``dynamic_scale.scale`` and comes
+      back with ``fin_steps`` and ``scale`` updated as Flax's ``DynamicScale`` updates
+      them; an overflow skips the update (params, ``opt_state``, ``step`` and collections
+      are kept; Flax's example keeps only the params and ``opt_state``).
 
       Donating the state deletes the arrays it was built from: ``TrainState.create`` and
       :meth:`TrainState.from_variables` keep the params they are given without a copy.
@@ -249,17 +313,21 @@ def train_step(
       ``jax.tree.map(jnp.copy, variables)``.
 
     Raises:
-      ValueError: for a bad ``k``, mode or ``nonfinite`` at once; at trace time, for a
-        collection mode naming a collection the state lacks, exact merging of something
-        that is not BatchNorm statistics, a collection that changes shape between
-        micro-batches, a model that updates a collection it was not given (the message
-        shows the corrected call), or a ``state.opt_state`` whose structure or leaf shapes
-        differ from ``state.tx.init(state.params)``.
-      TypeError: for a ``loss_fn`` or ``weight_fn`` that is not callable at once; at trace
-        time, for a ``state.apply_fn`` that is not callable, ``apply`` given ``mutable=``
-        or ``rngs=``, a ``loss_fn`` that never calls ``apply``, a ``loss_fn`` whose output
-        does not match ``has_aux`` or whose loss is not a scalar, or ``rngs`` without a
-        state key.
+      ValueError: for a bad ``k``, mode, ``nonfinite`` or loss-scale setting at once; at
+        trace time, for a collection mode naming a collection the state lacks, exact
+        merging of something that is not BatchNorm statistics, a collection that changes
+        shape between micro-batches, a model that updates a collection it was not given
+        (the message shows the corrected call), a ``state.opt_state`` whose structure or
+        leaf shapes differ from ``state.tx.init(state.params)``, ``loss_scale`` with a
+        state that holds no loss-scale state (or a state that holds one without
+        ``loss_scale``), or a ``state.dynamic_scale`` together with ``loss_scale`` or
+        ``nonfinite="drop"``.
+      TypeError: for a ``loss_fn`` or ``weight_fn`` that is not callable or a
+        ``loss_scale`` of the wrong type at once; at trace time, for a ``state.apply_fn``
+        that is not callable, ``apply`` given ``mutable=`` or ``rngs=``, a ``loss_fn`` that
+        never calls ``apply``, a ``loss_fn`` whose output does not match ``has_aux`` or
+        whose loss is not a scalar, ``rngs`` without a state key, or a
+        ``state.dynamic_scale`` that is not a Flax ``DynamicScale``.
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax, flax.linen as nn, jaxaccum.flax
@@ -280,15 +348,36 @@ def train_step(
       >>> # one momentum update (0.99) from the whole batch's mean, 15, 16:
       >>> [round(float(m), 4) for m in new.collections["batch_stats"]["BatchNorm_0"]["mean"]]
       [0.15, 0.16]
+
+      ``loss_scale`` for float16 compute. The loss here is float16, so the first scale,
+      2**16, is beyond float16's largest value (65504): the step overflows, is skipped and
+      halves the scale; the next one applies.
+
+      >>> class Half(nn.Module):
+      ...     @nn.compact
+      ...     def __call__(self, x, train):
+      ...         return nn.Dense(1, dtype=jnp.float16)(x)[:, 0]
+      >>> scaling = jaxaccum.DynamicLossScale(init_scale=2.0**16)
+      >>> step = jaxaccum.flax.train_step(loss_fn, k=4, loss_scale=scaling)
+      >>> variables = Half().init(jax.random.key(0), x, train=False)
+      >>> half = step.init(Half().apply, variables, optax.sgd(0.1))  # half.loss_scale set
+      >>> small = {"x": x / 32, "y": (y / 16).astype(jnp.float16)}
+      >>> for _ in range(2):
+      ...     half, metrics = jax.jit(step)(half, small)
+      ...     print(bool(metrics.applied), float(half.loss_scale.scale), int(half.step))
+      False 32768.0 0
+      True 32768.0 1
     """
+    wants_params = _takes_params(loss_fn)
     engine = _engine.configure(
         loss_fn,
-        "loss_fn(apply, micro_batch)",
+        f"loss_fn(apply, micro_batch{', params=params' if wants_params else ''})",
         k,
         weight_fn=weight_fn,
         has_aux=has_aux,
         aux_reduce=aux_reduce,
         nonfinite=nonfinite,
+        loss_scale=loss_scale,
         split=split,
         unroll=unroll,
         data_axis=data_axis,
@@ -297,13 +386,8 @@ def train_step(
         fsdp=fsdp,
         param_specs=param_specs,
     )
-    wants_params = _takes_params(loss_fn)
     bn_mode = BatchNormMode.parse(batch_norm, "batch_norm")
-    modes_given = {
-        name: CollectionMode.parse(mode, f"collections[{name!r}]")
-        for name, mode in dict(collections or {}).items()
-    }
-    rng_names = tuple(rngs)
+    modes_given, rng_names = _collection_options(collections, rngs)
 
     def init(
         apply_fn: Callable[..., Any],
@@ -311,7 +395,7 @@ def train_step(
         tx: Any,
         key: jax.Array | None = None,
     ) -> TrainState:
-        return TrainState.from_variables(apply_fn, variables, tx, key=key)
+        return TrainState.from_variables(apply_fn, variables, tx, key=key, loss_scale=loss_scale)
 
     def update(state: Any, batch: Any) -> tuple[Any, TrainMetrics]:
         _check_state(state)
@@ -324,16 +408,8 @@ def train_step(
                 f"{ {n: str(m) for n, m in model.modes.items()} }; use nonfinite='skip' or "
                 "carry every collection with 'sequential'."
             )
-        core = _engine.Core(state.params, state.opt_state, state.step, None, model.carried())
-
-        def apply(state: Any, grads: Any, new_cols: Any) -> Any:
-            return with_collections(state.apply_gradients(grads=grads), new_cols)
-
-        def skip(state: Any) -> Any:
-            if hasattr(state, "skipped"):
-                return state.replace(skipped=state.skipped + 1)
-            return state
-
+        scale, rescale = _scaling(state, engine)
+        core = _engine.Core(state.params, state.opt_state, state.step, None, model.carried(), scale)
         return _engine.run(
             engine,
             state.tx,
@@ -345,10 +421,83 @@ def train_step(
             after=model.after,
             reduce={n: _REDUCE[model.modes[n]] for n in model.fixed},
             finish=model.finish,
-            commit=_engine.Commit(state, apply, skip),
+            commit=_commit(state, with_collections, rescale),
         )
 
     return TrainStep(init=init, update=update)
+
+
+def _commit(
+    state: Any,
+    with_collections: Callable[[Any, dict[str, Any]], Any],
+    rescale: Callable[[Any, jax.Array], Any],
+) -> _engine.Commit:
+    """Flax's ``apply_gradients`` and the new collections if the step applies, else a skip
+    (only a ``skipped`` counter moves); then the next loss scale."""
+
+    def commit(done: _engine.Accumulated) -> Any:
+        def apply(state: Any) -> Any:
+            return with_collections(state.apply_gradients(grads=done.grads), done.carry)
+
+        def skip(state: Any) -> Any:
+            return state.replace(skipped=state.skipped + 1) if hasattr(state, "skipped") else state
+
+        return rescale(jax.lax.cond(done.metrics.applied, apply, skip, state), done.finite)
+
+    return commit
+
+
+def _scaling(state: Any, engine: _engine.Engine) -> tuple[Any, Callable[[Any, jax.Array], Any]]:
+    """The loss-scale state the step starts from (None: no scaling), and how a new state
+    gets the next one after a step whose gradient was (not) finite."""
+    dynamic = getattr(state, "dynamic_scale", None)
+    held = getattr(state, "loss_scale", None)
+    config = engine.loss_scale
+    if dynamic is not None:
+        _check_dynamic_scale(dynamic, engine)
+        return dynamic, lambda s, finite: s.replace(
+            dynamic_scale=_loss_scale.adjust_flax(dynamic, finite)
+        )
+    if config is None and held is not None:
+        raise ValueError(
+            "state.loss_scale holds a loss scale, but the step was built without "
+            "loss_scale=; build it with the settings the state was made with, "
+            "train_step(..., loss_scale=jaxaccum.DynamicLossScale(...)), or drop the scale "
+            "from the state: state.replace(loss_scale=None)."
+        )
+    if config is None:
+        return None, lambda s, finite: s
+    if not isinstance(held, LossScaleState):
+        raise ValueError(
+            f"train_step(..., loss_scale={config}) keeps the scale in state.loss_scale, "
+            f"which this {type(state).__name__} does not hold; build the state with the "
+            "step's init, step.init(model.apply, variables, tx), or "
+            "TrainState.from_variables(model.apply, variables, tx, loss_scale=...). With "
+            "Flax's own TrainState, give it a dynamic_scale field holding "
+            "flax.training.dynamic_scale.DynamicScale() and build the step without "
+            "loss_scale=."
+        )
+    return held, lambda s, finite: s.replace(loss_scale=_loss_scale.adjust(config, held, finite))
+
+
+def _check_dynamic_scale(dynamic: Any, engine: _engine.Engine) -> None:
+    if not isinstance(dynamic, DynamicScale):
+        raise TypeError(
+            "state.dynamic_scale must be a flax.training.dynamic_scale.DynamicScale or "
+            f"None, got {type(dynamic).__name__}."
+        )
+    if engine.loss_scale is not None:
+        raise ValueError(
+            f"the step was built with loss_scale={engine.loss_scale} and the state holds "
+            "a Flax DynamicScale in state.dynamic_scale: use one. Build the step without "
+            "loss_scale= to let state.dynamic_scale drive the scaling (Flax's rules), or "
+            "keep loss_scale= and build the state with dynamic_scale=None."
+        )
+    if engine.nonfinite != NonFinite.SKIP:
+        raise ValueError(
+            "state.dynamic_scale needs nonfinite='skip': with loss scaling a non-finite "
+            "micro-batch is an overflow, so the step is skipped and the scale lowered."
+        )
 
 
 class _Model:
@@ -511,6 +660,7 @@ def _check_state(state: Any) -> None:
             f"{type(getattr(state, 'apply_fn', None)).__name__}; build the state with "
             "jaxaccum.flax.TrainState.from_variables(model.apply, model.init(key, x), tx)."
         )
+    _checks.trainable(state.params, "state.params")
     _checks.check_opt_state(
         state.opt_state,
         state.tx.init,
@@ -522,28 +672,25 @@ def _check_state(state: Any) -> None:
     )
 
 
+_COLLECTION_WORDING = _checks.Wording(
+    "changed structure during a micro-batch",
+    "changed shape or dtype between micro-batches",
+)
+
+
 def _check_same_layout(name: str, new: Any, old: Any) -> None:
-    """Raises if a collection changed structure or shape within one micro-batch's call."""
-    # PyTreeDef comes from jaxlib without annotations that mypy can resolve.
-    before: Any = jax.tree.structure(old)
-    after: Any = jax.tree.structure(new)
-    if before != after:
-        raise ValueError(
-            f"collection {name!r} changed structure during a micro-batch: it had\n  "
-            f"{before}\nbefore and\n  {after}\nafter. "
-            "A collection carried through the micro-batches must keep its layout. For sown "
-            "values, overwrite instead of appending: self.sow(..., reduce_fn=lambda a, b: b, "
-            "init_fn=lambda: jnp.zeros(shape)), and create the state from model.init(key, x, "
-            "mutable=True) so the collection exists from the start."
-        )
-    bad = [
-        f"{path}: {jnp.shape(o)} {_split.leaf_dtype(o)} -> {jnp.shape(n)} {_split.leaf_dtype(n)}"
-        for path, o, n in _split.changed_leaves(old, new, name)
-    ]
-    if bad:
-        raise ValueError(
-            f"collection {name!r} changed shape or dtype between micro-batches: "
-            + "; ".join(bad)
-            + ". Variables that depend on the batch size must be initialised with a "
-            "micro-batch: model.init(key, x[: N // k]), and must not grow with the batch."
-        )
+    """Raises if a collection changed structure, shape or dtype within one micro-batch's call."""
+    _checks.check_layout(
+        new,
+        old,
+        (f"collection {name!r}", "what it held before"),
+        "a collection carried through the micro-batches must keep its layout. For sown "
+        "values, overwrite instead of appending: self.sow(..., reduce_fn=lambda a, b: b, "
+        "init_fn=lambda: jnp.zeros(shape)), and create the state from model.init(key, x, "
+        "mutable=True) so the collection exists from the start.",
+        dtypes=True,
+        wording=_COLLECTION_WORDING,
+        shape_fix="variables that depend on the batch size must be initialised with a "
+        "micro-batch: model.init(key, x[: N // k]), and must not grow with the batch.",
+        root=name,
+    )

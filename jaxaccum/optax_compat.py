@@ -43,7 +43,7 @@ import numpy as np
 import optax
 import optax.microbatching
 
-from jaxaccum import _checks, _reduce
+from jaxaccum import _args, _checks, _reduce
 from jaxaccum._accumulate import accumulate
 from jaxaccum._multisteps import MultiStepsState as _State
 from jaxaccum._multisteps import multi_steps
@@ -121,29 +121,93 @@ def _from_accumulator(acc: Any) -> Reduction:
     )
 
 
-def _reductions(accumulator: Any) -> Any:
-    def one(spec: Any) -> Reduction:
-        if isinstance(spec, Accumulator):
-            return _from_accumulator(spec)
-        if isinstance(spec, AccumulationType):
-            return _BY_TYPE[spec]
-        raise ValueError(
-            f"accumulator leaves must be optax.microbatching.AccumulationType members or "
-            f"Accumulator records, got {spec!r}."
+def _check_accumulator(accumulator: Any) -> None:
+    """Raises unless every leaf of ``accumulator`` is an AccumulationType or Accumulator."""
+    leaves = jax.tree.leaves(accumulator, is_leaf=_is_spec)
+    bad = next((x for x in leaves if not _is_spec(x)), None) if leaves else accumulator
+    if bad is not None or not leaves:
+        raise TypeError(
+            "accumulator must be an optax.microbatching.AccumulationType member, an "
+            "Accumulator record, or a pytree prefix of fun's outputs holding them, got "
+            f"{bad!r}; e.g. accumulator=AccumulationType.MEAN."
         )
+
+
+def _reductions(accumulator: Any) -> Any:
+    _check_accumulator(accumulator)
+
+    def one(spec: Any) -> Reduction:
+        return _from_accumulator(spec) if isinstance(spec, Accumulator) else _BY_TYPE[spec]
 
     return jax.tree.map(one, accumulator, is_leaf=_is_spec)
 
 
 def _aggregates(accumulator: Any) -> Any:
+    _check_accumulator(accumulator)
+
     def one(spec: Any) -> Callable[[Any], Any]:
         return spec.aggregate if isinstance(spec, Accumulator) else _AGGREGATE[spec]
 
     return jax.tree.map(one, accumulator, is_leaf=_is_spec)
 
 
-def _as_tuple(value: Any) -> tuple[Any, ...]:
-    return (value,) if isinstance(value, (int, str)) else tuple(value)
+def _axes(in_axes: Any, allow_none: bool) -> tuple[Any, ...]:
+    """``in_axes`` as a tuple: one int (or None, where ``allow_none``) or a sequence of them."""
+    given = in_axes if isinstance(in_axes, Sequence) else (in_axes,)
+    ok = [
+        (allow_none and a is None)
+        or (isinstance(a, (int, np.integer)) and not isinstance(a, bool) and a >= 0)
+        for a in given
+    ]
+    if not given or not all(ok):
+        also = " or None (not mapped)" if allow_none else ""
+        raise ValueError(
+            f"in_axes must be a non-negative int{also}, or a sequence of them (one per "
+            f"argument), got {in_axes!r}."
+        )
+    return tuple(given)
+
+
+def _batch_size(
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    nums: tuple[int, ...],
+    names: tuple[str, ...],
+    axes: tuple[Any, ...],
+) -> int:
+    """The one batch size of the batch arguments, each argument checked as it is found."""
+    if len(axes) != len(nums) + len(names):
+        raise ValueError(
+            f"in_axes must be one int, or one per batch argument ({len(nums) + len(names)}: "
+            f"argnums {list(nums)}, then argnames {list(names)}), got {len(axes)}."
+        )
+    for num in nums:
+        if num >= len(args):
+            raise ValueError(
+                f"argnums={num} is out of range: the call passed {len(args)} positional "
+                "argument(s); point argnums at the batch arguments' positions."
+            )
+    for name in names:
+        if name not in kwargs:
+            raise ValueError(
+                f"argnames={name!r} was not passed by keyword (got {sorted(kwargs)}); pass it "
+                "by name or list its position in argnums."
+            )
+    sizes = set()
+    labels = [f"argument {i}" for i in nums] + list(names)
+    batches = [args[i] for i in nums] + [kwargs[name] for name in names]
+    for label, tree, ax in zip(labels, batches, axes, strict=True):
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+            if not isinstance(ax, int) or not 0 <= ax < np.ndim(leaf):
+                raise ValueError(
+                    f"in_axes={ax!r} for {label} does not name an axis of its leaf "
+                    f"{label}{jax.tree_util.keystr(path)} of shape {np.shape(leaf)}; give "
+                    "the example axis, an int in [0, ndim)."
+                )
+            sizes.add(np.shape(leaf)[ax])
+    if len(sizes) != 1:
+        raise ValueError(f"batch arguments must share one batch size, got {sorted(sizes)}.")
+    return sizes.pop()
 
 
 def microbatch(
@@ -178,29 +242,29 @@ def microbatch(
     Returns:
       A function with ``fun``'s signature.
     """
+    _checks.function(fun, "fun", "fun(*args, **kwargs)")
     if microbatch_size is None:
         return fun
     microbatch_size = _checks.positive_int(
         microbatch_size, "microbatch_size", "examples per micro-batch, e.g. 8, or None"
     )
-    nums, names = _as_tuple(argnums), _as_tuple(argnames)
+    nums = _args.as_tuple(argnums, "argnums", int)
+    names = _args.as_tuple(argnames, "argnames", str)
     reduce = _reductions(accumulator)
 
+    if not nums and not names:
+        raise ValueError("argnums and argnames name no batch argument; give at least one.")
+    given_axes = _axes(in_axes, allow_none=False)
+
     def microbatched(*args: Any, **kwargs: Any) -> Any:
-        axes = _as_tuple(in_axes)
-        axes = axes * (len(nums) + len(names)) if len(axes) == 1 else axes
-        batches = [args[i] for i in nums] + [kwargs[n] for n in names]
-        sizes = {
-            np.shape(leaf)[ax]
-            for tree, ax in zip(batches, axes, strict=True)
-            for leaf in jax.tree.leaves(tree)
-        }
-        if len(sizes) > 1:
-            raise ValueError(f"batch arguments must share one batch size, got {sorted(sizes)}.")
-        n = sizes.pop()
+        _checks.function(fun, "fun", "fun(*args, **kwargs)", len(args), tuple(kwargs))
+        axes = given_axes * (len(nums) + len(names)) if len(given_axes) == 1 else given_axes
+        n = _batch_size(args, kwargs, nums, names, axes)
         if n % microbatch_size:
             raise ValueError(
-                f"the batch size {n} is not divisible by microbatch_size={microbatch_size}."
+                f"the batch size {n} of the batch arguments (argnums={list(nums)}, "
+                f"argnames={list(names)}) is not divisible by microbatch_size="
+                f"{microbatch_size}."
             )
         run = accumulate(
             fun,
@@ -245,27 +309,38 @@ def micro_vmap(
     Returns:
       The mapped function.
     """
-    if out_axes != 0:
+    _checks.function(fun, "fun", "fun(*examples)")
+    if not (isinstance(out_axes, int) and not isinstance(out_axes, bool) and out_axes == 0):
         raise NotImplementedError(f"micro_vmap supports out_axes=0 only, got {out_axes!r}.")
-    axes = _as_tuple(in_axes) if in_axes is not None else (None,)
+    axes = _axes(in_axes, allow_none=True)
     aggregate = _aggregates(accumulator)
 
     def mapped_and_reduced(*args: Any, kwargs: dict[str, Any]) -> Any:
-        out = vmap_fn(fun, axes, out_axes)(*args, **kwargs)
+        each = axes if isinstance(in_axes, Sequence) else axes * len(args)
+        out = vmap_fn(fun, each, out_axes)(*args, **kwargs)
         return jax.tree.map(lambda agg, v: jax.tree.map(agg, v), aggregate, out, is_leaf=callable)
 
-    mapped = [i for i, a in enumerate(axes) if a is not None]
-    run = microbatch(
-        mapped_and_reduced,
-        argnums=tuple(mapped),
-        argnames="kwargs",
-        microbatch_size=microbatch_size,
-        accumulator=accumulator,
-        in_axes=(*(axes[i] for i in mapped), 0),
-        num_real_microbatches=num_real_microbatches,
-    )
-
     def call(*args: Any, **kwargs: Any) -> Any:
+        _checks.function(fun, "fun", "fun(*examples)", len(args), tuple(kwargs))
+        each = axes if isinstance(in_axes, Sequence) else axes * len(args)
+        if len(each) != len(args):
+            raise ValueError(
+                f"in_axes has {len(each)} entries but the call passed {len(args)} positional "
+                "argument(s); give one entry per positional argument (None: not mapped), "
+                "as jax.vmap does."
+            )
+        mapped = [i for i, a in enumerate(each) if a is not None]
+        if not mapped and not kwargs:
+            raise ValueError(f"in_axes={in_axes!r} maps no argument; give one a batch axis.")
+        run = microbatch(
+            mapped_and_reduced,
+            argnums=tuple(mapped),
+            argnames="kwargs",
+            microbatch_size=microbatch_size,
+            accumulator=accumulator,
+            in_axes=(*(each[i] for i in mapped), 0),
+            num_real_microbatches=num_real_microbatches,
+        )
         return run(*args, kwargs=kwargs)
 
     return call
@@ -305,8 +380,25 @@ def micro_grad(
     Returns:
       A function returning ``(reduced, IndividualOutputs(values, metrics, aux))``.
     """
-    batch = _as_tuple(batch_argnums)
-    with_aux = fun if has_aux else (lambda *a, **kw: (fun(*a, **kw), None))
+    _checks.function(fun, "fun", "fun(*args)")
+    if microbatch_size is not None:
+        microbatch_size = _checks.positive_int(
+            microbatch_size, "microbatch_size", "examples per micro-batch, e.g. 8, or None"
+        )
+    has_aux = _checks.flag(has_aux, "has_aux")
+    keep_batch_dim = _checks.flag(keep_batch_dim, "keep_batch_dim")
+    if not _args.as_tuple(argnums, "argnums", int):
+        raise ValueError("argnums names no argument to differentiate; e.g. argnums=0.")
+    batch = _args.as_tuple(batch_argnums, "batch_argnums", int)
+    if not batch:
+        raise ValueError("batch_argnums names no argument; give the batch arguments' positions.")
+
+    def with_aux(*args: Any, **kwargs: Any) -> Any:
+        out = fun(*args, **kwargs)
+        if has_aux and not (isinstance(out, tuple) and len(out) == 2):
+            raise TypeError(f"fun must return (value, aux) with has_aux=True, got {out!r}.")
+        return _checks.returned_arrays(out if has_aux else (out, None), "fun", "output")
+
     value_and_grad = jax.value_and_grad(with_aux, argnums, has_aux=True)
 
     def per_example(*args: Any, **kwargs: Any) -> Any:
@@ -318,16 +410,30 @@ def micro_grad(
         (value, aux), grad = value_and_grad(*args, **kwargs)
         return transform_fn(grad), IndividualOutputs(value, metrics_fn(grad), aux)
 
-    axes: list[int | None] = [None] * (max(batch) + 1)
-    for i in batch:
-        axes[i] = 0
-    return micro_vmap(
-        per_example,
-        in_axes=axes,
-        accumulator=(accumulator, AccumulationType.CONCAT),
-        microbatch_size=microbatch_size,
-        num_real_microbatches=num_real_microbatches,
-    )
+    _check_accumulator(accumulator)
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if max(batch) >= len(args):
+            raise ValueError(
+                f"batch_argnums={list(batch)} is out of range: the call passed {len(args)} "
+                "positional argument(s)."
+            )
+        _checks.function(fun, "fun", "fun(*args, **kwargs)", len(args), tuple(kwargs))
+        n = _batch_size(args, {}, batch, (), (0,) * len(batch))
+        if microbatch_size is not None and n % microbatch_size:
+            raise ValueError(
+                f"the batch arguments (batch_argnums={list(batch)}) have {n} examples, not "
+                f"divisible by microbatch_size={microbatch_size}."
+            )
+        return micro_vmap(
+            per_example,
+            in_axes=[0 if i in batch else None for i in range(len(args))],
+            accumulator=(accumulator, AccumulationType.CONCAT),
+            microbatch_size=microbatch_size,
+            num_real_microbatches=num_real_microbatches,
+        )(*args, **kwargs)
+
+    return call
 
 
 def skip_not_finite(updates: Any, gradient_step: Any, params: Any) -> tuple[jax.Array, Any]:
@@ -398,16 +504,21 @@ class MultiSteps:
         should_skip_update_fn: Callable[..., Any] | None = None,
         accumulator_dtype: Any = jnp.float32,
     ):
-        self._opt = optax.with_extra_args_support(opt)
-        self._mean = use_grad_mean
-        self._dtype = None if accumulator_dtype is None else np.dtype(accumulator_dtype)
+        if not isinstance(opt, optax.GradientTransformation):
+            raise TypeError(
+                f"opt must be an optax.GradientTransformation (e.g. optax.adam(1e-3)), got "
+                f"{type(opt).__name__}."
+            )
+        self._dtype = _checks.check_accum_dtype(accumulator_dtype, "accumulator_dtype")
         self._ours = multi_steps(
             opt,
             every_k_schedule,
-            accum_dtype=accumulator_dtype,
+            accum_dtype=self._dtype,
             use_grad_mean=use_grad_mean,
             should_skip_update_fn=should_skip_update_fn,
         )
+        self._opt = optax.with_extra_args_support(opt)
+        self._mean = use_grad_mean
 
     @property
     def inner_opt(self) -> optax.GradientTransformationExtraArgs:

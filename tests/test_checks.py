@@ -38,11 +38,17 @@ def test_weight_fn_must_be_callable():
 # --- what loss_fn returns --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("loss", [jnp.float32(1.5), 1.5, 2, np.float32(0.5)])
+@pytest.mark.parametrize("loss", [jnp.float32(1.5), 1.5, np.float32(0.5), jnp.bfloat16(1)])
 def test_a_scalar_loss_passes(loss):
     assert _checks.split_loss(loss, has_aux=False) == (loss, None)
     got, aux = _checks.split_loss((loss, {"acc": 1}), has_aux=True)
     assert (got, aux) == (loss, {"acc": 1})
+
+
+@pytest.mark.parametrize("loss", [2, True, jnp.int32(2), jnp.complex64(1j)])
+def test_a_loss_that_cannot_be_differentiated_is_refused(loss):
+    with pytest.raises(TypeError, match=r"loss_fn's loss must be a real floating scalar"):
+        _checks.split_loss(loss, has_aux=False)
 
 
 @pytest.mark.parametrize(

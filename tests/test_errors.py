@@ -9,8 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 import jaxaccum
+import jaxaccum.flax as jf
 from jaxaccum import optax_compat
 
 
@@ -87,7 +89,9 @@ def test_carry_changing_structure():
 
     acc = jaxaccum.accumulate(step, 2, carry_argnums=0)
     with pytest.raises(
-        ValueError, match=r"(?s)different structure .*received: .*count.*returned: .*extra"
+        ValueError,
+        match=r"(?s)new state for state is not laid out as the state it received.*"
+        r"only step_fn's new state for state has state\['extra'\]",
     ):
         acc({"count": jnp.int32(0)}, batch_of(4))
 
@@ -97,7 +101,7 @@ def test_carry_changing_dtype_names_the_leaf():
         return batch["x"].sum(), {"count": state["count"] + 0.5}
 
     acc = jaxaccum.accumulate(step, 2, carry_argnums=0)
-    msg = r"state\['count'\]: \(\) int32 -> \(\) float32.*astype"
+    msg = r"state\['count'\] has \(\) float32, not \(\) int32; cast .*astype"
     with pytest.raises(ValueError, match=msg):
         jax.jit(acc)({"count": jnp.int32(0)}, batch_of(4))
 
@@ -113,12 +117,14 @@ def test_carry_step_must_return_a_pair():
 )
 def test_rng_argument_must_be_one_prng_key(key):
     acc = jaxaccum.accumulate(lambda key, b: b["x"].sum(), 2, rng_argnums=0)
-    with pytest.raises(TypeError, match=r"the rng argument key must be one PRNG key"):
+    with pytest.raises(
+        TypeError, match=r"the rng argument key \(rng_argnums=0\) must be one PRNG key"
+    ):
         acc(key, batch_of(4))
 
 
 def test_missing_batch_argument():
-    with pytest.raises(TypeError, match=r"batch argument batch was not passed"):
+    with pytest.raises(TypeError, match=r"batch argument batch \(batch_argnums=1\) was not passed"):
         jaxaccum.accumulate(GRAD, 2)(W)
 
 
@@ -276,3 +282,268 @@ def test_a_non_finite_weight_shows_as_nan_and_a_train_step_skips(bad):
 def test_numbers_of_the_wrong_kind_are_refused_by_name(build, match):
     with pytest.raises((TypeError, ValueError), match=match):
         build()
+
+
+# --- Refused, and by name: each kind the input sweep of issue reports listed ---------------
+
+SGD = optax.sgd(0.1)
+PLAIN = {"x": jnp.ones((8, 3)), "y": jnp.ones(8)}
+
+
+def sq_loss(w, batch):
+    return jnp.mean((batch["x"] @ w - batch["y"]) ** 2)
+
+
+def run_train(step, params=W, batch=PLAIN, **init_kw):
+    return step.update(step.init(params, **init_kw), batch)
+
+
+def run_multi(opt, params=W):
+    state = opt.init(params)
+    for _ in range(2):
+        _, state = opt.update(params, state, params)
+
+
+CONSTANT_INIT = {
+    "update": lambda acc, x, ctx: acc + x,
+    "finalize": lambda acc, ctx: acc,
+}
+
+
+@pytest.mark.parametrize(
+    ("build", "match"),
+    [
+        # Callables, checked at construction.
+        (lambda: jaxaccum.accumulate(3, 4), r"step_fn must be callable .* got int"),
+        (lambda: jaxaccum.accumulate(None, 4), r"step_fn must be callable .* got NoneType"),
+        (
+            lambda: jaxaccum.accumulate(GRAD, 2, weight_fn=lambda a, c: 1.0),
+            r"weight_fn is called as weight_fn\(batch\), but its signature \(a, c\)",
+        ),
+        (
+            lambda: jaxaccum.Reduction(init=None, **CONSTANT_INIT),
+            r"Reduction\(init=...\) must be callable as init\(out, ctx\), got NoneType",
+        ),
+        (
+            lambda: jaxaccum.Reduction(init=3, **CONSTANT_INIT),
+            r"Reduction\(init=...\) must be callable as init\(out, ctx\), got int",
+        ),
+        (lambda: optax_compat.MultiSteps(None, 2), r"opt must be an optax\.GradientTransformation"),
+        (
+            lambda: jf.TrainState.from_variables(lambda *a: 0, {"params": {}}, tx="sgd"),
+            r"tx must be an optax\.GradientTransformation .* got str",
+        ),
+        (
+            lambda: jf.nnx_train_step(lambda m, b: 0.0, 2).init(
+                nnx.Linear(3, 1, rngs=nnx.Rngs(0)), "sgd"
+            ),
+            r"init\(model, tx\) needs an optax\.GradientTransformation as tx",
+        ),
+        (
+            lambda: jaxaccum.train_step(sq_loss, SGD, 2, with_key=True),
+            r"loss_fn is called as loss_fn\(params, batch, key\), but its signature "
+            r"\(w, batch\) does not take that call",
+        ),
+        (
+            lambda: jf.train_step(lambda params, apply, batch: 0.0, 2),
+            r"loss_fn is called as loss_fn\(apply, micro_batch, params=params\).*multiple "
+            r"values for argument 'params'",
+        ),
+        # Return values, checked where they come back.
+        (
+            lambda: run_train(
+                jaxaccum.train_step(sq_loss, SGD, 2, weight_fn=lambda mb: mb["x"][:, 0] > 0)
+            ),
+            r"weight_fn must return one real scalar per micro-batch .* got shape \(4,\)",
+        ),
+        (
+            lambda: jaxaccum.accumulate(
+                lambda b: b.sum(), 2, batch_argnums=0, weight_fn=lambda mb: "all"
+            )(jnp.ones(4)),
+            r"weight_fn must return one real scalar per micro-batch .* got a str",
+        ),
+        (
+            lambda: jaxaccum.accumulate(
+                lambda b: b.sum(),
+                2,
+                batch_argnums=0,
+                reduce=jaxaccum.Reduction(init=lambda o, c: "zero", **CONSTANT_INIT),
+            )(jnp.ones(4)),
+            r"reduce='s Reduction\.init returned a str at output",
+        ),
+        (
+            lambda: jaxaccum.accumulate(
+                lambda b: b.sum(),
+                2,
+                batch_argnums=0,
+                reduce=jaxaccum.Reduction(
+                    init=lambda o, c: jnp.zeros(()),
+                    update=lambda acc, x, c: acc + x,
+                    finalize=lambda acc, c: "done",
+                ),
+            )(jnp.ones(4)),
+            r"reduce='s Reduction\.finalize returned a str at output",
+        ),
+        (
+            lambda: run_multi(jaxaccum.multi_steps(SGD, lambda step: "2")),
+            r"every_k_schedule must return an integer scalar, got '2'",
+        ),
+        (
+            lambda: run_multi(jaxaccum.multi_steps(SGD, lambda step: None)),
+            r"every_k_schedule must return an integer scalar, got None",
+        ),
+        (
+            lambda: run_multi(
+                optax_compat.MultiSteps(SGD, 2, should_skip_update_fn=lambda u, s, p: True)
+            ),
+            r"should_skip_update_fn must return a pair \(skip, skip_state\), got True",
+        ),
+        (
+            lambda: run_train(jaxaccum.train_step(lambda p, b: 3, SGD, 2)),
+            r"loss_fn's loss must be a real floating scalar .* dtype int32",
+        ),
+        # Numbers and options of the wrong kind.
+        (
+            lambda: jaxaccum.accumulate(GRAD, 2, batch_argnums=1.0),
+            r"batch_argnums must be a non-negative int or a tuple of them, got 1\.0",
+        ),
+        *(
+            (
+                lambda size=size: optax_compat.microbatch(
+                    jax.grad(sq_loss), argnums=1, microbatch_size=size
+                ),
+                r"microbatch_size must be a positive int",
+            )
+            for size in (0, "4", np.float64(4.0), -1)
+        ),
+        (
+            lambda: optax_compat.microbatch(jax.grad(sq_loss), argnums=5, microbatch_size=2)(
+                W, PLAIN
+            ),
+            r"argnums=5 is out of range: the call passed 2 positional argument\(s\)",
+        ),
+        (
+            lambda: optax_compat.microbatch(
+                jax.grad(sq_loss), argnums=1, microbatch_size=2, in_axes=3
+            )(W, PLAIN),
+            r"in_axes=3 for argument 1 does not name an axis of its leaf argument 1\['x'\]",
+        ),
+        (
+            lambda: optax_compat.micro_vmap(lambda x: x, microbatch_size=2, in_axes=(0, 0))(
+                PLAIN["x"]
+            ),
+            r"in_axes has 2 entries but the call passed 1 positional argument",
+        ),
+        (
+            lambda: optax_compat.MultiSteps(SGD, 2, accumulator_dtype="banana"),
+            r"accumulator_dtype must be a floating dtype .* got 'banana'",
+        ),
+        (
+            lambda: optax_compat.micro_grad(sq_loss, accumulator="sum"),
+            r"accumulator must be an optax\.microbatching\.AccumulationType member",
+        ),
+        (
+            lambda: (
+                jaxaccum.DynamicLossScale(init_scale="big").__class__
+                and jaxaccum.train_step(
+                    sq_loss, SGD, 2, loss_scale=jaxaccum.DynamicLossScale(init_scale="big")
+                )
+            ),
+            r"DynamicLossScale\.init_scale must be a finite real number, got 'big'",
+        ),
+        # State, params and keys.
+        (
+            lambda: jaxaccum.train_step(sq_loss, SGD, 2).update((W, 0), PLAIN),
+            r"state must be the TrainState .* got tuple",
+        ),
+        (
+            lambda: jaxaccum.train_step(sq_loss, SGD, 2).update({"params": W}, PLAIN),
+            r"state must be the TrainState .* got dict",
+        ),
+        (
+            lambda: run_train(jaxaccum.train_step(sq_loss, SGD, 2), params=jnp.ones(3, jnp.int32)),
+            r"state\.params has dtype int32, but the params are differentiated",
+        ),
+        (
+            lambda: run_train(
+                jaxaccum.train_step(sq_loss, SGD, 2), params={"w": W, "on": jnp.array(True)}
+            ),
+            r"state\.params\['on'\] has dtype bool",
+        ),
+        (
+            lambda: run_train(
+                jaxaccum.train_step(lambda p, b, key: sq_loss(p, b), SGD, 2, with_key=True), key=0
+            ),
+            r"init\(params, key=...\)'s key must be one PRNG key",
+        ),
+        (
+            lambda: run_train(
+                jaxaccum.train_step(lambda p, b, key: sq_loss(p, b), SGD, 2, with_key=True),
+                key=jax.random.split(jax.random.key(0)),
+            ),
+            r"init\(params, key=...\)'s key must be one PRNG key .* shape \(2,\)",
+        ),
+        (
+            lambda: jf.train_step(lambda apply, b: 0.0, 2, collections=["batch_stats"]),
+            r"collections=",
+        ),
+        (
+            lambda: jf.train_step(lambda apply, b: 0.0, 2, rngs=[3]),
+            r"rngs=",
+        ),
+        (
+            lambda: jaxaccum.MultiStepsState.from_optax(None),
+            r"from_optax\(state\) needs the optax\.MultiStepsState .* got NoneType",
+        ),
+        (
+            lambda: run_multi(jaxaccum.multi_steps(SGD, 2), params={"w": "weights"}),
+            r"params must be a pytree of arrays, but params\['w'\] is a str",
+        ),
+        (
+            lambda: jf.TrainState.from_variables(lambda *a: 0, [("params", {})], SGD),
+            r"variables must be the dict of collections that model\.init\(key, x\) returns",
+        ),
+    ],
+)
+def test_each_kind_of_malformed_input_is_refused_by_name(build, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        build()
+
+
+def test_a_batch_argument_left_whole_is_named_when_the_step_fails():
+    """``loss(w, x, y)`` with the default ``batch_argnums=1`` splits ``x`` only: the step fails
+    inside the loss with a shape error, and a note names ``y`` as the likely cause."""
+
+    def loss3(w, x, y):
+        return jnp.mean((x @ w - y) ** 2)
+
+    grad_fn = jaxaccum.accumulate(jax.grad(loss3), 4)
+    with pytest.raises(TypeError, match="incompatible shapes") as info:
+        grad_fn(W, PLAIN["x"], PLAIN["y"])
+    notes = "\n".join(getattr(info.value, "__notes__", []))
+    assert "argument at position 2 has leading size 8, the batch's, but is not split" in notes
+    fixed = jaxaccum.accumulate(jax.grad(loss3), 4, batch_argnums=(1, 2))
+    np.testing.assert_allclose(
+        fixed(W, PLAIN["x"], PLAIN["y"]), jax.grad(loss3)(W, PLAIN["x"], PLAIN["y"]), rtol=1e-6
+    )
+
+
+def test_a_linen_collection_that_changes_layout_is_named_with_its_leaf():
+    """The one layout check (``_checks.check_layout``) serves Flax collections too: a value
+    sown with Flax's default (appending) reduce grows a tuple within the micro-batch."""
+    import flax.linen as nn
+
+    class Sows(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.Dense(1)(x)
+            self.sow("intermediates", "h", h)
+            return h[:, 0]
+
+    model = Sows()
+    variables = model.init(jax.random.key(0), PLAIN["x"][:4], mutable=True)
+    state = jf.TrainState.from_variables(model.apply, variables, SGD)
+    update = jf.train_step(lambda apply, mb: jnp.mean((apply(mb["x"]) - mb["y"]) ** 2), 2)
+    match = r"collection 'intermediates' changed structure during a micro-batch: it has the"
+    with pytest.raises(ValueError, match=match):
+        update(state, PLAIN)

@@ -138,3 +138,34 @@ def test_bad_settings_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message) as info:
         _loss_scale.check_config(config)
     assert repr(config) in str(info.value)
+
+
+# --- Flax's DynamicScale rules -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"growth_interval": 3},
+        {"growth_interval": 1, "minimum_scale": None, "backoff_factor": 0.25},
+        {"growth_interval": 2, "minimum_scale": 2.0**14, "scale": 2.0**15},
+        {"growth_interval": 1, "scale": float(jnp.finfo(jnp.float32).max) / 2},
+    ],
+)
+def test_adjust_flax_follows_flax_own_dynamic_scale(settings):
+    """Step by step against what ``DynamicScale.value_and_grad`` returns for a gradient that
+    is finite or not as a random sequence says (growth, the float32 cap, the floor)."""
+    from flax.training.dynamic_scale import DynamicScale
+
+    def loss(p, bad):
+        return jnp.where(bad, jnp.inf, 1.0) * p
+
+    flax_step = jax.jit(lambda ds, bad: ds.value_and_grad(loss)(jnp.float32(1.0), bad)[:2])
+    ours = theirs = DynamicScale(**settings)
+    adjust = jax.jit(_loss_scale.adjust_flax)
+    for bad in np.random.default_rng(0).random(40) < 0.3:
+        theirs, finite = flax_step(theirs, jnp.bool_(bad))
+        assert bool(finite) == (not bad)
+        ours = adjust(ours, finite)
+        assert float(ours.scale) == float(theirs.scale)
+        assert int(ours.fin_steps) == int(theirs.fin_steps)

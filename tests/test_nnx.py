@@ -19,6 +19,7 @@ import pytest
 from flax import nnx
 from helpers import assert_trees_close, digits_batch, trees_equal
 
+import jaxaccum
 import jaxaccum.flax as jf
 
 K = 4
@@ -198,3 +199,105 @@ def test_aux_reduce_concat_gives_every_example_logits(batch):
     metrics = nnx.jit(step.update)(model, optimizer, batch)
     assert metrics.aux.shape == (N, 10)
     assert float(jnp.max(jnp.abs(metrics.aux - full))) < 1e-5
+
+
+# --- loss scaling (float16 compute) ---------------------------------------------------------
+#
+# As in test_flax.py: float16 compute with float32 params; the underflow test weights the loss
+# by 2**-22 (its gradient falls below float16's smallest subnormal in the float16 layers) and
+# the learning rate by 2**22. Tolerance against the float32 full-batch reference: 5e-3
+# relative (measured 4e-4).
+
+TINY = 2.0**-22
+
+
+class HalfNet(nnx.Module):
+    """Linear -> (BatchNorm) -> ReLU -> Linear, computed in ``dtype``, float32 params."""
+
+    def __init__(self, dtype: Any = jnp.float16, batch_norm: bool = False) -> None:
+        rngs = nnx.Rngs(0)
+        self.inner = nnx.Linear(64, 32, dtype=dtype, rngs=rngs)
+        self.norm = nnx.BatchNorm(32, momentum=0.9, dtype=dtype, rngs=rngs) if batch_norm else None
+        self.outer = nnx.Linear(32, 10, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = self.inner(x)
+        if self.norm is not None:
+            x = self.norm(x)
+        return self.outer(nnx.relu(x))
+
+
+def tiny_loss(model: HalfNet, mb: dict[str, jax.Array]) -> jax.Array:
+    logits = model(mb["x"]).astype(jnp.float32)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, mb["y"]).mean() * TINY
+
+
+def half_loss(model: HalfNet, mb: dict[str, jax.Array]) -> jax.Array:
+    """Cross-entropy in float16: a scale beyond 65504 overflows it."""
+    return optax.softmax_cross_entropy_with_integer_labels(model(mb["x"]), mb["y"]).mean()
+
+
+def test_loss_scale_recovers_gradients_that_underflow_in_float16(batch):
+    lr = 1 / TINY
+    ref = nnx.grad(tiny_loss)(HalfNet(jnp.float32), batch)
+    want = jax.tree.map(lambda g: -lr * g, nnx.state(ref, nnx.Param))  # float32 SGD update
+    before = nnx.state(HalfNet(), nnx.Param)
+
+    def delta(**options: Any) -> Any:
+        model = HalfNet()
+        step = jf.nnx_train_step(tiny_loss, K, **options)
+        optimizer = step.init(model, optax.sgd(lr))
+        assert bool(nnx.jit(step.update)(model, optimizer, batch).applied)
+        return jax.tree.map(lambda a, b: a - b, nnx.state(model, nnx.Param), before), optimizer
+
+    def rel_err(tree: Any) -> float:
+        diff = jax.tree.map(lambda a, b: a - b, tree, want)
+        return float(optax.tree.norm(diff) / optax.tree.norm(want))
+
+    scaled, optimizer = delta(loss_scale=jaxaccum.DynamicLossScale())
+    assert rel_err(scaled) < 5e-3
+    state = optimizer.loss_scale.get_value()  # type: ignore[attr-defined]
+    assert float(state.scale) == 2.0**15 and int(state.good_steps) == 1
+    unscaled, _ = delta()  # negative control: float16 flushes the gradient to zero
+    assert rel_err(unscaled) > 0.5
+
+
+def test_an_overflow_skips_the_update_lowers_the_scale_and_finite_steps_raise_it(batch):
+    """2**16 overflows the float16 loss, 2**15 does not: with growth_interval=2 the scale
+    cycles 2**16 (skip) -> 2**15, 2**15 (applied) -> grown to 2**16 -> skip ..."""
+    model = HalfNet(batch_norm=True)
+    model.train()
+    scaling = jaxaccum.DynamicLossScale(init_scale=2.0**16, growth_interval=2)
+    step = jf.nnx_train_step(half_loss, K, loss_scale=scaling)
+    optimizer = step.init(model, optax.sgd(0.1, momentum=0.9))
+    update = nnx.jit(step.update)
+    applied, scales = [], []
+    for _ in range(6):
+        before_model, before_opt = pure(model), pure(optimizer.opt_state)
+        applied.append(bool(update(model, optimizer, batch).applied))
+        scales.append(float(optimizer.loss_scale.get_value().scale))  # type: ignore[attr-defined]
+        if not applied[-1]:  # the model, BatchNorm statistics included, and opt_state kept
+            assert trees_equal(pure(model), before_model)
+            assert trees_equal(pure(optimizer.opt_state), before_opt)
+    assert applied == [False, True, True, False, True, True]
+    assert scales == [2.0**15, 2.0**15, 2.0**16, 2.0**15, 2.0**15, 2.0**16]
+    assert int(optimizer.skipped[...]) == 2 and int(optimizer.step[...]) == 4  # type: ignore[attr-defined]
+
+
+def test_loss_scale_input_is_checked_by_name(batch):
+    with pytest.raises(TypeError, match=r"loss_scale must be a jaxaccum\.DynamicLossScale"):
+        jf.nnx_train_step(half_loss, K, loss_scale=2.0**15)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="loss_scale needs nonfinite='skip'"):
+        jf.nnx_train_step(half_loss, K, nonfinite="drop", loss_scale=jaxaccum.DynamicLossScale())
+    scaled = jf.nnx_train_step(half_loss, K, loss_scale=jaxaccum.DynamicLossScale())
+    model = HalfNet()
+    optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)  # built by hand
+    with pytest.raises(ValueError, match=r"optimizer\.loss_scale, which this optimizer"):
+        scaled(model, optimizer, batch)
+    # The fix the message gives works.
+    optimizer.loss_scale = nnx.OptState(  # type: ignore[attr-defined]
+        jaxaccum.LossScaleState(jnp.float32(2.0**15), jnp.int32(0))
+    )
+    assert bool(scaled(model, optimizer, batch).applied)
+    with pytest.raises(ValueError, match=r"step was built without loss_scale="):
+        jf.nnx_train_step(half_loss, K)(model, optimizer, batch)

@@ -483,5 +483,7 @@ def test_bad_outputs_and_keys_are_named():
         jaxaccum.accumulate(int_grad, 2)({"f": 1.0, "i": 3}, jnp.ones(4))
     noisy = lambda key, b: jax.random.uniform(key) * b.sum()  # noqa: E731
     bad_key = jnp.zeros((3,), jnp.uint32)
-    with pytest.raises(TypeError, match=r"the rng argument key is a uint32 array of shape \(3,\)"):
+    with pytest.raises(
+        TypeError, match=r"the rng argument key \(rng_argnums=0\) is a uint32 array of shape \(3,\)"
+    ):
         jaxaccum.accumulate(noisy, 2, rng_argnums=0)(bad_key, jnp.ones(4))

@@ -330,3 +330,30 @@ def test_state_is_a_pytree_that_jit_can_donate():
     assert all(isinstance(x, jax.Array) for x in leaves)
     new, _ = jax.jit(step.update, donate_argnums=0)(state, digits_batch(N))
     assert int(new.step) == 1
+
+
+def test_model_state_threads_through_micro_batches_like_a_loop():
+    # has_state with a plain pytree: a count of micro-batches and a running input mean
+    # that the loss reads, so each micro-batch's gradient depends on the state before it.
+    def loss(params, running, mb):
+        running = {
+            "calls": running["calls"] + 1,
+            "mean": 0.9 * running["mean"] + 0.1 * mb["x"].mean(0),
+        }
+        shifted = {**mb, "x": mb["x"] - running["mean"]}
+        return mean_loss(params, shifted), running
+
+    k, params, batch, optimizer = 4, init_params(), digits_batch(N), optax.sgd(0.1)
+    running = {"calls": jnp.int32(0), "mean": jnp.zeros(64)}
+    step = jaxaccum.train_step(loss, optimizer, k, has_state=True)
+    state, _ = jax.jit(step.update)(step.init(params, model_state=running), batch)
+
+    grads, expected = [], running
+    for j in range(k):  # the hand-written loop over micro-batches
+        g, expected = jax.grad(loss, has_aux=True)(params, expected, strided_micro(batch, j, k))
+        grads.append(g)
+    mean = jax.tree.map(lambda *g: sum(g) / k, *grads)
+    updates, _ = optimizer.update(mean, optimizer.init(params), params)
+    assert int(state.model_state["calls"]) == k
+    assert_trees_close(state.model_state, expected)
+    assert_trees_close(state.params, optax.apply_updates(params, updates))

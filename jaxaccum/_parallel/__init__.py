@@ -85,7 +85,7 @@ def placement(
     _check_batch(opts, mesh, call, roles, k=k, split=split, in_axes=in_axes, explicit=explicit)
     given = _given_specs(opts, call, roles, plain, mesh)
     if explicit:
-        _check_given_against_types(given, call)
+        _check_given_against_types(given, call, opts.specs_name)
         return Typed(opts.axes, mesh, opts.fsdp, plain)
     known = {ref: _known_specs(call.get(ref, "argument"), given.get(ref)) for ref in plain}
     return Pinned(opts.axes, mesh, opts.fsdp, known, pin_batches=split != "contiguous")
@@ -194,22 +194,23 @@ def _given_specs(
     keyword = [r.name for r in plain if r.num is None]
     if keyword:
         raise ValueError(
-            f"in_specs gives specs by position, but {keyword} were passed by keyword; pass "
-            "them positionally so that their specs apply."
+            f"{opts.specs_name} gives specs by position, but {keyword} were passed by "
+            "keyword; pass them positionally so that their specs apply."
         )
     if len(given) > len(call.args):
         raise ValueError(
-            f"in_specs has {len(given)} entries but the step got {len(call.args)} positional "
-            "argument(s); give one PartitionSpec prefix per positional argument."
+            f"{opts.specs_name} has {len(given)} entries but the step got {len(call.args)} "
+            "positional argument(s); give one PartitionSpec prefix per positional argument."
         )
     found = {}
     for ref in plain:
         if ref.num is not None and ref.num < len(given) and given[ref.num] is not None:
-            found[ref] = _leaf_specs(call.get(ref, "argument"), given[ref.num], ref.label, mesh)
+            value = call.get(ref, "argument")
+            found[ref] = _leaf_specs(value, given[ref.num], ref.label, mesh, opts.specs_name)
     return found
 
 
-def _leaf_specs(value: Any, prefix: Any, label: str, mesh: Any) -> list[Any]:
+def _leaf_specs(value: Any, prefix: Any, label: str, mesh: Any, option: str) -> list[Any]:
     """A spec prefix expanded to one spec (or None) per leaf of ``value``, checked."""
     structure: Any = jax.tree.structure(value)  # PyTreeDef: no annotations mypy resolves
     try:
@@ -219,13 +220,15 @@ def _leaf_specs(value: Any, prefix: Any, label: str, mesh: Any) -> list[Any]:
         specs = [box.spec for box in structure.flatten_up_to(boxed)]
     except (ValueError, TypeError) as err:
         raise ValueError(
-            f"the specs given for {label} are not a pytree prefix of it ({err}); give one "
+            f"{option} for {label} are not a pytree prefix of it ({err}); give one "
             "PartitionSpec per leaf or subtree (param_specs= for train steps, in_specs= for "
             "accumulate), e.g. jax.tree.map(lambda x: x.sharding.spec, params)."
         ) from None
     for (path, x), spec in zip(jax.tree_util.tree_flatten_with_path(value)[0], specs, strict=True):
         if spec is not None:
-            _check_spec(spec, x, label + jax.tree_util.keystr(path), mesh)
+            _check_spec(
+                spec, x, f"{option} gives {spec} for {label}{jax.tree_util.keystr(path)}", mesh
+            )
     return specs
 
 
@@ -238,10 +241,11 @@ class _Box:
         self.spec = spec
 
 
-def _check_spec(spec: PartitionSpec, x: Any, where: str, mesh: Any) -> None:
+def _check_spec(spec: PartitionSpec, x: Any, given: str, mesh: Any) -> None:
+    """Raises unless ``spec`` fits the leaf ``x`` and the mesh; ``given`` says who gave it."""
     if len(spec) > np.ndim(x):
         raise ValueError(
-            f"the spec {spec} given for {where} has {len(spec)} entries but the leaf has "
+            f"{given}, which has {len(spec)} entries but the leaf has "
             f"shape {np.shape(x)}; give a spec with at most {np.ndim(x)} entries, or P() to "
             "replicate it."
         )
@@ -249,13 +253,13 @@ def _check_spec(spec: PartitionSpec, x: Any, where: str, mesh: Any) -> None:
         unknown = [a for a in base.names(entry) if a not in mesh.axis_names]
         if unknown:
             raise ValueError(
-                f"the spec {spec} given for {where} names {unknown}, which are not axes of "
+                f"{given}, which names {unknown}, not axes of "
                 f"the mesh {dict(mesh.shape)}; name axes among {list(mesh.axis_names)}."
             )
         ways = math.prod(int(mesh.shape[a]) for a in base.names(entry))
         if np.shape(x)[dim] % ways:
             raise ValueError(
-                f"{where} has shape {np.shape(x)} and the spec {spec}, but its dimension {dim} "
+                f"{given}, but that leaf has shape {np.shape(x)}: its dimension {dim} "
                 f"does not split into {ways} devices; pad it to a multiple of {ways} or "
                 "replicate it."
             )
@@ -273,7 +277,9 @@ def _known_specs(value: Any, given: list[Any] | None) -> list[Any]:
     return specs
 
 
-def _check_given_against_types(given: dict[ArgRef, list[Any]], call: BoundCall) -> None:
+def _check_given_against_types(
+    given: dict[ArgRef, list[Any]], call: BoundCall, option: str
+) -> None:
     """On Explicit axes the arguments' types carry their layouts; specs given must agree."""
     for ref, specs in given.items():
         flat = jax.tree_util.tree_flatten_with_path(call.get(ref, "argument"))[0]
@@ -284,7 +290,7 @@ def _check_given_against_types(given: dict[ArgRef, list[Any]], call: BoundCall) 
             want = tuple(spec.partitions) + (None,) * (len(have) - len(spec.partitions))
             if have != want:
                 raise ValueError(
-                    f"in_specs gives {spec} for {ref.label}{jax.tree_util.keystr(path)}, but "
+                    f"{option} gives {spec} for {ref.label}{jax.tree_util.keystr(path)}, but "
                     f"its type is laid out as {base.spec_of(x)}; on Explicit mesh axes the "
                     "type decides: drop the spec, or reshard the argument "
                     f"(jax.sharding.reshard(x, {spec}))."

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, PartitionSpec
 
+from jaxaccum import _checks
 from jaxaccum._args import ArgRef, BoundCall
 
 
@@ -98,7 +99,10 @@ class Placement:
 def finalize(leaf: Any, acc: Any, totals: Totals) -> Any:
     """A leaf's result from its accumulator (``leaf.r`` its reduction, ``leaf.ctx`` its
     context)."""
-    return leaf.r.finalize(acc, leaf.ctx._replace(count=totals.count, weight_sum=totals.weight_sum))
+    ctx = leaf.ctx._replace(count=totals.count, weight_sum=totals.weight_sum)
+    return _checks.returned_arrays(
+        leaf.r.finalize(acc, ctx), "reduce='s Reduction.finalize", leaf.path
+    )
 
 
 def names(entry: Any) -> set[str]:

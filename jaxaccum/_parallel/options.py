@@ -52,6 +52,8 @@ class Options:
       bound: whether the axes are bound by the caller (``axis_name=``).
       fsdp: what happens to parameters sharded over the data axes.
       in_specs: the partition specs given per positional argument, or None.
+      specs_name: the option the specs came from, for messages (``in_specs`` or
+        ``param_specs``).
     """
 
     axes: tuple[str, ...]
@@ -59,6 +61,7 @@ class Options:
     bound: bool = False
     fsdp: FSDP = FSDP.PER_MICROBATCH
     in_specs: Any = None
+    specs_name: str = "in_specs"
 
 
 def _axis_names(value: Any, option: str) -> tuple[str, ...]:
@@ -122,4 +125,4 @@ def options(
     axes = _axis_names(data_axis, "data_axis")
     if mesh is not None and not hasattr(mesh, "axis_names"):
         raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}.")
-    return Options(axes, mesh, fsdp=chosen, in_specs=in_specs)
+    return Options(axes, mesh, fsdp=chosen, in_specs=in_specs, specs_name=specs_name)

@@ -1,0 +1,1 @@
+"""Equinox's MNIST-tutorial CNN on digits; run main.py."""
