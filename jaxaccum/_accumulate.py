@@ -299,7 +299,7 @@ def _roles(
     }
     if not roles["batch"]:
         raise ValueError("no batch argument: give batch_argnums= or batch_argnames=.")
-    _args.check_disjoint(roles)
+    _checks.check_disjoint(roles)
     return roles
 
 
@@ -415,7 +415,8 @@ def _trace(
     try:
         first = traced([flat[i] for i in dynamic])
     except Exception as e:
-        hint = _unsplit_hint(config, call, plain)
+        batches = [call.get(ref, "batch") for ref in config.roles["batch"]]
+        hint = _checks.unsplit_hint(config.k, config.in_axes, batches, call, plain)
         if hint:
             e.add_note(hint)
         raise
@@ -426,36 +427,6 @@ def _trace(
         return traced(retyped)
     except Exception:  # a type the step does not take after all: its gradients as traced
         return first
-
-
-def _unsplit_hint(config: _Config, call: BoundCall, plain: tuple[ArgRef, ...]) -> str:
-    """Names the arguments left whole that have the batch's leading size, if any: when the
-    step fails, a forgotten batch argument (``loss(params, x, y)`` with only ``x`` split) is
-    the likely cause."""
-    batches = [call.get(ref, "batch") for ref in config.roles["batch"]]
-    axes = config.in_axes * len(batches) if len(config.in_axes) == 1 else config.in_axes
-    sizes = {
-        np.shape(leaf)[ax]
-        for tree, ax in zip(batches, axes, strict=True)
-        for leaf in jax.tree.leaves(tree)
-        if np.ndim(leaf) > ax
-    }
-    if len(sizes) != 1:
-        return ""
-    (n,) = sizes
-    whole = [
-        ref
-        for ref in plain
-        if any(np.ndim(x) and np.shape(x)[0] == n for x in jax.tree.leaves(call.get(ref, "")))
-    ]
-    if not whole:
-        return ""
-    names = ", ".join(ref.describe("") for ref in whole)
-    return (
-        f"jaxaccum: step_fn failed on micro-batch 0 ({n // config.k} of the batch's {n} "
-        f"examples). {names[0].upper()}{names[1:]} has leading size {n}, the batch's, but is not "
-        "split: if it is part of the batch, list it in batch_argnums= (or batch_argnames=)."
-    )
 
 
 def _call_step(
@@ -481,11 +452,11 @@ def _call_step(
     args, kwargs = call.replaced(values)
     result = step_fn(*args, **kwargs)
     if refs["carry"]:
-        out, new_state = _unpack_state(result, len(refs["carry"]))
+        out, new_state = _checks.unpack_state(result, len(refs["carry"]))
     else:
         out, new_state = result, ()
     w = None if config.weight_fn is None else _checks.check_weight(config.weight_fn(*mb))
-    return _check_outputs(out), new_state, w
+    return _checks.step_outputs(out), new_state, w
 
 
 def _run(
@@ -512,7 +483,7 @@ def _run(
     step = _trace(step_fn, config, place.prepare(call), place, inputs)
     out_avals, state_avals, w_aval = step.avals
     labels = [ref.label for ref in refs["carry"]]
-    _check_carry(
+    _checks.carried_state(
         dict(zip(labels, jax.eval_shape(lambda s: s, state), strict=True)),
         dict(zip(labels, state_avals, strict=True)),
     )
@@ -638,48 +609,9 @@ def _init(leaf: _Leaf, place: Placement) -> Any:
         leaf.r.init(leaf.ctx.out, leaf.ctx), "reduce='s Reduction.init", leaf.path, empty=False
     )
     acc = jax.tree.map(lambda x: _typed_carry(jnp.asarray(x), leaf.ctx.out), made)
-    _check_reduction_carry(leaf, acc)
+    if not any(leaf.r is b for b in _reduce.BUILTIN.values()):
+        _checks.reduction_carry(leaf.r, leaf.ctx, leaf.path, acc)
     return place.pin(acc, leaf.target)
-
-
-_CARRY_WORDING = _checks.Wording(
-    "is not laid out as {source}",
-    "changed between micro-batches (lax.scan needs a fixed carry)",
-)
-
-
-def _check_carry(before: dict[str, Any], after: dict[str, Any]) -> None:
-    """Raises if the carried state coming out of step_fn differs in structure or type.
-
-    Both maps go from a carried argument's label to its (abstract) value.
-    """
-    for label in before:
-        _checks.check_layout(
-            after[label],
-            before[label],
-            (f"step_fn's new state for {label}", f"the {label} it received"),
-            "return (outputs, new_state) where new_state has the structure of the carried "
-            "argument(s).",
-            dtypes=True,
-            wording=_CARRY_WORDING,
-            shape_fix="cast the new state back in step_fn, e.g. new.astype(old.dtype).",
-            root=label,
-        )
-
-
-def _check_outputs(out: Any) -> Any:
-    """The step's outputs as arrays; Python numbers and bools become constants."""
-
-    def one(path: Any, x: Any) -> Any:
-        if isinstance(x, _checks.ARRAY_TYPES):
-            return jnp.asarray(x)
-        raise TypeError(
-            f"step_fn returned a {type(x).__name__} at output{jax.tree_util.keystr(path)}; "
-            "every output leaf must be an array or a number. Return strings and other "
-            "Python objects from a function outside the accumulated step."
-        )
-
-    return jax.tree_util.tree_map_with_path(one, out)
 
 
 def _typed_carry(x: jax.Array, aval: Any) -> jax.Array:
@@ -696,41 +628,3 @@ def _typed_carry(x: jax.Array, aval: Any) -> jax.Array:
         )
         return _parallel.typed_like(x, aval.update(shape=x.shape, sharding=stacked))
     return _parallel.base.vary(x, _parallel.base.varying_axes(aval))
-
-
-def _check_reduction_carry(leaf: _Leaf, carry: Any) -> None:
-    """Raises unless a user-defined reduction's ``update`` keeps its carry's type."""
-    r, ctx = leaf.r, leaf.ctx
-    if any(r is b for b in _reduce.BUILTIN.values()):
-        return
-    step = ctx._replace(index=jnp.int32(0), weight=jnp.float32(1))
-    who = "reduce='s Reduction.update"
-    after = jax.eval_shape(
-        lambda c, x: _checks.returned_arrays(r.update(c, x, step), who, leaf.path), carry, ctx.out
-    )
-    before = jax.eval_shape(lambda c: c, carry)
-    types = lambda t: jax.tree.map(lambda v: (v.shape, v.dtype), t)  # noqa: E731
-    s_after: Any = jax.tree.structure(after)  # PyTreeDef: no annotations mypy resolves
-    if s_after != jax.tree.structure(before) or types(after) != types(before):
-        raise TypeError(
-            f"reduction {r.name} at {leaf.path}: update returned a carry of type "
-            f"{types(after)}, but init made {types(before)}; the carry must keep its "
-            "structure, shapes and dtypes (cast in update, e.g. new.astype(old.dtype))."
-        )
-
-
-def _unpack_state(result: Any, n: int) -> tuple[Any, tuple[Any, ...]]:
-    if not (isinstance(result, tuple) and len(result) == 2):
-        raise ValueError(
-            "with carried arguments, step_fn must return (outputs, new_state); got "
-            f"{type(result).__name__}."
-        )
-    out, new_state = result
-    if n == 1:
-        return out, (new_state,)
-    if not (isinstance(new_state, tuple) and len(new_state) == n):
-        raise ValueError(
-            f"step_fn carries {n} arguments, so it must return (outputs, (state_1, ..., "
-            f"state_{n})); got new_state of type {type(new_state).__name__}."
-        )
-    return out, new_state

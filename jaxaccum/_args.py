@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import operator
 from collections.abc import Callable, Sequence
 from typing import Any
+
+from jaxaccum import _checks
+
+# The roles' check, reached here too (tests/test_args.py); it lives with the other checks.
+from jaxaccum._checks.arguments import check_disjoint as check_disjoint
 
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 _KEYWORD = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
@@ -50,48 +54,7 @@ def as_tuple(value: Any, option: str, kind: type) -> tuple[Any, ...]:
 
     The result is an :class:`Option`, so later checks can name the option it came from.
     """
-    if isinstance(value, (int, str)):
-        items: tuple[Any, ...] = (value,)
-    elif isinstance(value, Sequence):
-        items = tuple(value)
-    else:
-        want = "a non-negative int or a tuple of them" if kind is int else "a str or a tuple of str"
-        raise TypeError(f"{option} must be {want}, got {value!r} of type {type(value).__name__}.")
-    for item in items:
-        if kind is int:
-            if isinstance(item, bool) or not isinstance(item, int) or item < 0:
-                raise TypeError(f"{option} must hold non-negative ints, got {item!r}.")
-            operator.index(item)
-        elif not isinstance(item, str) or not item.isidentifier():
-            raise TypeError(f"{option} must hold argument names (str), got {item!r}.")
-    return Option(items, option)
-
-
-def _plain_signature(params: list[inspect.Parameter]) -> inspect.Signature:
-    """The signature without annotations, e.g. ``(params, batch, *, scale=1.0)``."""
-    return inspect.Signature([p.replace(annotation=inspect.Parameter.empty) for p in params])
-
-
-def _check_in_range(nums: Sequence[int], params: list[inspect.Parameter]) -> None:
-    """Raises if a position is past the positional ``params`` (unless there is ``*args``)."""
-    if any(p.kind == inspect.Parameter.VAR_POSITIONAL for p in params):
-        return
-    positional = [p.name for p in params if p.kind in _POSITIONAL]
-    bad = [num for num in nums if num >= len(positional)]
-    if not bad:
-        return
-    # accumulate's default batch position comes as a plain tuple, not from as_tuple.
-    option = nums.name if isinstance(nums, Option) else "batch_argnums"
-    given = f"{option}={bad[0]}" + ("" if isinstance(nums, Option) else " (the default)")
-    by_name = f"name a keyword parameter with {option.replace('argnums', 'argnames')}="
-    if positional:
-        places = ", ".join(f"{n} at {i}" for i, n in enumerate(positional))
-        takes = f"positional parameters {places}; give {option} one of these positions, or "
-    else:
-        takes = "no positional parameters; "
-    raise ValueError(
-        f"{given} is out of range: step_fn{_plain_signature(params)} takes {takes}{by_name}."
-    )
+    return Option(_checks.option_items(value, option, kind), option)
 
 
 def resolve_refs(
@@ -108,7 +71,7 @@ def resolve_refs(
     except (TypeError, ValueError):
         params = []
     else:
-        _check_in_range(nums, params)
+        _checks.check_in_range(nums, params)
     positional = [p for p in params if p.kind in _POSITIONAL]
     refs: list[ArgRef] = []
     for num in nums:
@@ -121,22 +84,6 @@ def resolve_refs(
         index = next((i for i, p in enumerate(positional) if p.name == name), None)
         refs.append(ArgRef(index, name))
     return tuple(refs)
-
-
-def check_disjoint(roles: dict[str, tuple[ArgRef, ...]]) -> None:
-    """Raises if one argument is given two roles (say both batch and carry)."""
-    seen: dict[Any, str] = {}
-    for role, refs in roles.items():
-        for ref in refs:
-            for key in (("num", ref.num), ("name", ref.name)):
-                if key[1] is None:
-                    continue
-                if key in seen:
-                    raise ValueError(
-                        f"{ref.label} is marked both as {seen[key]} and as {role}; "
-                        "each argument can have one role only."
-                    )
-                seen[key] = role
 
 
 class BoundCall:

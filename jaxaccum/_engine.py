@@ -141,7 +141,8 @@ def configure(
             )
     _checks.check_unroll(unroll)
     _parallel.options(data_axis, mesh, axis_name, fsdp, param_specs, specs_name="param_specs")
-    _check_aux_reduce(aux_reduce, has_aux)
+    weighted_mean = _reduce.BUILTIN[Reduce.WEIGHTED_MEAN]
+    _checks.check_aux_reduce(aux_reduce, has_aux, _reduce.spec_members, weighted_mean)
     return Engine(
         k,
         weight_fn,
@@ -157,22 +158,6 @@ def configure(
         param_specs,
         aux_reduce,
     )
-
-
-def _check_aux_reduce(aux_reduce: Any, has_aux: bool) -> None:
-    if aux_reduce is None:
-        return
-    if not has_aux:
-        raise ValueError(
-            f"aux_reduce={aux_reduce!r} reduces loss_fn's auxiliary output, but has_aux is "
-            "False; pass has_aux=True with a loss_fn that returns (loss, aux)."
-        )
-    members = _reduce.spec_members(aux_reduce, "aux_reduce")
-    if any(_reduce.is_builtin(r, Reduce.WEIGHTED_MEAN) for r in members):
-        raise ValueError(
-            "aux_reduce names 'weighted_mean', which is already what the step does with "
-            "floating aux leaves (weighted like the loss); leave those leaves None."
-        )
 
 
 class Core(NamedTuple):

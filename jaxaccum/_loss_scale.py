@@ -47,21 +47,8 @@ class LossScaleState(NamedTuple):
 
 
 def check_config(config: DynamicLossScale) -> None:
-    if not isinstance(config, DynamicLossScale):
-        raise TypeError(
-            f"loss_scale must be a jaxaccum.DynamicLossScale, got {type(config).__name__}; "
-            "e.g. loss_scale=jaxaccum.DynamicLossScale(init_scale=2.0**15)."
-        )
-    _checks.positive_int(config.growth_interval, "DynamicLossScale.growth_interval", f"in {config}")
-    for field in ("init_scale", "growth_factor", "backoff_factor", "min_scale"):
-        _checks.real_number(getattr(config, field), f"DynamicLossScale.{field}")
-    if not (config.init_scale >= config.min_scale > 0):
-        raise ValueError(f"loss scale needs init_scale >= min_scale > 0, got {config}.")
-    if config.growth_interval < 1 or config.growth_factor < 1 or not 0 < config.backoff_factor < 1:
-        raise ValueError(
-            "loss scale needs growth_interval >= 1, growth_factor >= 1 and 0 < "
-            f"backoff_factor < 1, got {config}."
-        )
+    """Raises unless ``config`` is a :class:`DynamicLossScale` with usable settings."""
+    _checks.loss_scale_config(config, DynamicLossScale)
 
 
 def init(config: DynamicLossScale) -> LossScaleState:

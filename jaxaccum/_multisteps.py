@@ -11,13 +11,8 @@ import numpy as np
 import optax
 
 from jaxaccum import _checks, _equinox, _reduce
-from jaxaccum._checks import check_accum_dtype
 
 SCOPE = "jaxaccum.multi_steps"
-_K_BAD = (
-    "every_k_schedule returned k={} at gradient_step={}; it must return a positive number "
-    "of calls per update."
-)
 
 
 class MultiStepsState(NamedTuple):
@@ -112,83 +107,12 @@ class MultiStepsState(NamedTuple):
         )
 
 
-def _is_traced(*values: Any) -> bool:
-    return any(isinstance(v, jax.core.Tracer) for v in values)
-
-
-def _require(ok: Any, staged: bool, template: str, *values: Any) -> None:
-    """Raises ``ValueError(template.format(*values))`` unless ``ok``.
-
-    With concrete values it raises now. With a traced ``ok`` (under ``jax.jit``) and
-    ``staged``, it stages a host callback that runs only when ``ok`` is False and raises
-    there; the call then fails with ``jax.errors.JaxRuntimeError`` whose message holds
-    the ``ValueError``'s. A program holding a host callback costs dispatch time on every
-    call, so nothing is staged when ``ok`` is known at trace time.
-    """
-    if not _is_traced(ok) and bool(ok):
-        return
-    if _is_traced(ok) and not staged:
-        return
-    if not _is_traced(ok, *values):
-        raise ValueError(template.format(*(np.asarray(v).item() for v in values)))
-
-    def fail(ok: Any, *values: Any) -> None:
-        if not np.all(ok):  # vmap runs both branches of a cond; check again here
-            raise ValueError(template.format(*(np.asarray(v).item() for v in values)))
-
-    jax.lax.cond(ok, lambda: None, lambda: jax.debug.callback(fail, ok, *values))
-
-
-def _as_schedule(every_k_schedule: Any) -> int | Callable[[jax.Array], Any]:
-    """A constant k (validated) or the schedule function itself."""
-    if callable(every_k_schedule):
-        _checks.function(every_k_schedule, "every_k_schedule", "every_k_schedule(gradient_step)", 1)
-        return every_k_schedule
-    k = every_k_schedule
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(
-            f"every_k_schedule must be a positive int (calls per update) or a function of "
-            f"the update count returning one, got {k!r}; e.g. every_k_schedule=4."
-        )
-    return int(k)
-
-
 def _calls_per_update(
     schedule: int | Callable[[jax.Array], Any], step: jax.Array, staged: bool
 ) -> Any:
     if isinstance(schedule, int):
         return schedule
-    value = schedule(step)
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        _require(value >= 1, staged, _K_BAD, value, step)
-        return int(value)
-    k = jnp.asarray(value) if isinstance(value, _checks.ARRAY_TYPES) else None
-    if k is None or k.shape != () or not jnp.issubdtype(k.dtype, jnp.integer):
-        got = f"{value!r}" if k is None else f"shape {k.shape} dtype {k.dtype}"
-        raise TypeError(
-            f"every_k_schedule must return an integer scalar, got {got}; e.g. "
-            "lambda step: jnp.where(step < 100, 2, 8), or cast a float "
-            "schedule with .astype(jnp.int32)."
-        )
-    _require(k >= 1, staged, _K_BAD, k, step)
-    return k.astype(jnp.int32)
-
-
-def _call_weight(weight: Any, dtype: Any, staged: bool) -> jax.Array:
-    w = jnp.asarray(weight)
-    real = jnp.issubdtype(w.dtype, jnp.integer) or jnp.issubdtype(w.dtype, jnp.floating)
-    if w.shape != () or not real:
-        raise ValueError(
-            f"weight must be one real scalar per call (e.g. the micro-batch's valid-token "
-            f"count, mask.sum()), got shape {w.shape} dtype {w.dtype}."
-        )
-    _require(
-        (w >= 0) & jnp.isfinite(w),
-        staged,
-        "weight must be finite and >= 0 (a count of valid items), got weight={}.",
-        w,
-    )
-    return w.astype(dtype)
+    return _checks.calls_per_update(schedule(step), step, staged)
 
 
 def _zeros_acc(p: Any, accum: np.dtype | None) -> jax.Array:
@@ -209,41 +133,9 @@ def _init(inner: Any, params: Any, accum: np.dtype | None, skip_fn: Any) -> Mult
         gradient_step=step,
         inner_opt_state=inner.init(params),
         acc_grads=jax.tree.map(lambda p: _zeros_acc(p, accum), params),
-        skip_state=_skip_decision(skip_fn, zeros, step, params)[1],
+        skip_state=_checks.skip_verdict(skip_fn(zeros, step, params))[1],
         acc_weight=jnp.zeros((), _reduce.weight_dtype(accum, leaves)),
         emitted=jnp.zeros((), jnp.bool_),
-    )
-
-
-def _check_state(state: Any, inner: Any, like_params: Any, source: str, params: Any = None) -> None:
-    """Raises unless ``state`` is a MultiStepsState for ``inner`` and these params (and
-    ``params``, where given, have the shapes of its accumulator)."""
-    if isinstance(state, optax.MultiStepsState):
-        raise TypeError(
-            "got an optax.MultiStepsState (from optax.MultiSteps); jaxaccum's multi_steps "
-            "keeps a weighted sum and needs its own state: convert it once with "
-            "jaxaccum.MultiStepsState.from_optax(state) (use_grad_mean= as optax was "
-            "given), or start from multi_steps(optimizer, k).init(params)."
-        )
-    if not isinstance(state, MultiStepsState):
-        raise TypeError(
-            "state must be the MultiStepsState from multi_steps(optimizer, k).init(params), "
-            f"got {type(state).__name__}."
-        )
-    fix = (
-        "initialise the state with the same inner optimizer and params: "
-        "multi_steps(optimizer, k).init(params)."
-    )
-    _checks.check_layout(state.acc_grads, like_params, ("state.acc_grads", source), fix)
-    if params is not None:
-        again = "pass the params the state was initialised with, or init a state for these."
-        _checks.check_layout(state.acc_grads, params, ("state.acc_grads", "the params"), again)
-    _checks.check_opt_state(
-        state.inner_opt_state,
-        inner.init,
-        like_params,
-        ("state.inner_opt_state", "optimizer.init(params)"),
-        fix,
     )
 
 
@@ -298,25 +190,6 @@ def _close(
 
 def _no_skip(updates: Any, gradient_step: Any, params: Any) -> tuple[jax.Array, Any]:
     return jnp.zeros((), jnp.bool_), ()
-
-
-def _skip_decision(fn: Callable[..., Any], grads: Any, step: Any, params: Any) -> tuple[Any, Any]:
-    """``fn``'s verdict on this call's gradients, checked to be one bool."""
-    verdict = fn(grads, step, params)
-    if not (isinstance(verdict, tuple) and len(verdict) == 2):
-        raise TypeError(
-            f"should_skip_update_fn must return a pair (skip, skip_state), got {verdict!r}; "
-            "e.g. return jnp.any(...), {} (optax.skip_not_finite returns such a pair)."
-        )
-    skip, skip_state = verdict
-    skip = jnp.asarray(skip)
-    if skip.shape != () or skip.dtype != jnp.bool_:
-        raise TypeError(
-            f"should_skip_update_fn must return (bool scalar, skip_state), got a first "
-            f"element of shape {skip.shape} dtype {skip.dtype}; e.g. optax.skip_not_finite, "
-            "or return jnp.any(...) of your test."
-        )
-    return skip, skip_state
 
 
 def multi_steps(
@@ -435,8 +308,8 @@ def multi_steps(
       dtype('float32')
     """
     inner = _as_inner(optimizer)
-    schedule = _as_schedule(every_k_schedule)
-    accum = check_accum_dtype(accum_dtype)
+    schedule = _checks.schedule(every_k_schedule)
+    accum = _checks.check_accum_dtype(accum_dtype)
     _checks.flag(use_grad_mean, "use_grad_mean")
     _checks.flag(runtime_checks, "runtime_checks")
     if should_skip_update_fn is not None:
@@ -463,15 +336,17 @@ def multi_steps(
         **extra_args: Any,
     ) -> tuple[Any, MultiStepsState]:
         grads, params = _equinox.trained(grads), _equinox.trained(params)
-        _check_state(state, inner, grads, "updates (the gradients)", params)
+        _checks.multi_steps_state(
+            state, MultiStepsState, inner, grads, "updates (the gradients)", params
+        )
         with jax.named_scope(SCOPE):
             k = _calls_per_update(schedule, state.gradient_step, runtime_checks)
-            skip, skip_state = _skip_decision(skip_fn, grads, state.gradient_step, params)
+            skip, skip_state = _checks.skip_verdict(skip_fn(grads, state.gradient_step, params))
             if weight is None:
                 w = jnp.ones((), state.acc_weight.dtype)
                 counts = ~skip
             else:
-                w = _call_weight(weight, state.acc_weight.dtype, runtime_checks)
+                w = _checks.call_weight(weight, state.acc_weight.dtype, runtime_checks)
                 counts = ~skip & (w > 0)
 
             def add(a: jax.Array, g: Any) -> jax.Array:
@@ -553,10 +428,7 @@ class MultiStepsTransformation(optax.GradientTransformationExtraArgs):  # type: 
 
 
 def _as_inner(optimizer: Any) -> Any:
-    if not isinstance(optimizer, optax.GradientTransformation):
-        raise TypeError(
-            f"optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}."
-        )
+    _checks.optimizer(optimizer, "optimizer")
     return optax.with_extra_args_support(optimizer)
 
 
@@ -617,13 +489,9 @@ def flush(
     inner = _as_inner(optimizer)
     params = _equinox.trained(params)
     like = getattr(state, "acc_grads", None) if params is None else params
-    _check_state(state, inner, like, "the params" if params is not None else "state.acc_grads")
-    if not _is_traced(state.mini_step) and int(state.mini_step) == 0:
-        raise ValueError(
-            "flush: nothing accumulated since the last update (mini_step=0), so there is no "
-            "partial window to apply; flush only after calls that did not close a window, "
-            "e.g. `if state.mini_step > 0: flush(...)`."
-        )
+    source = "the params" if params is not None else "state.acc_grads"
+    _checks.multi_steps_state(state, MultiStepsState, inner, like, source)
+    _checks.flush_window(state.mini_step)
     dtypes = jax.tree.map(lambda x: jnp.asarray(x).dtype, like)
     with jax.named_scope(SCOPE):
         return _close(inner, state, state.mini_step > 0, dtypes, params, extra_args, mean)

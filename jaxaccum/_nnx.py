@@ -11,7 +11,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
 from jaxaccum import _bn, _checks, _docs, _engine, _loss_scale
@@ -81,20 +80,6 @@ def _zero_bn(rest: Any, momenta: dict[_bn.Path, float]) -> Any:
         return jnp.zeros_like(leaf) if _bn.is_stat(_keys(path), momenta) else leaf
 
     return jax.tree_util.tree_map_with_path(zero, rest)
-
-
-def _check_objects(model: Any, optimizer: Any) -> None:
-    if not isinstance(model, nnx.Module):
-        raise TypeError(
-            f"model must be a flax.nnx.Module, got {type(model).__name__}; call "
-            "update(model, optimizer, batch)."
-        )
-    if not isinstance(optimizer, nnx.Optimizer):
-        raise TypeError(
-            f"optimizer must be a flax.nnx.Optimizer, got {type(optimizer).__name__}; build "
-            "it with nnx.Optimizer(model, optax_transform, wrt=nnx.Param), or step.init(model, "
-            "optax_transform)."
-        )
 
 
 @_docs.shared_step_args
@@ -278,15 +263,7 @@ def _init(
 ) -> nnx.Optimizer[Any]:
     """The step's ``init``: the model's ``nnx.Optimizer``, with a ``skipped`` counter and
     the loss scale's state."""
-    if not isinstance(model, nnx.Module):
-        raise TypeError(
-            f"init(model, tx) needs an nnx.Module as model, got {type(model).__name__}."
-        )
-    if not isinstance(tx, optax.GradientTransformation):
-        raise TypeError(
-            "init(model, tx) needs an optax.GradientTransformation as tx (e.g. "
-            f"optax.adam(1e-3)), got {type(tx).__name__}."
-        )
+    _checks.nnx_init(model, tx, nnx.Module)
     optimizer = nnx.Optimizer(model, tx, wrt=wrt)
     # A counter the step increments on every skipped update.
     optimizer.skipped = nnx.OptState(jnp.zeros((), jnp.int32))  # type: ignore[attr-defined]
@@ -329,7 +306,7 @@ def _update(
     key: jax.Array | None = None,
 ) -> TrainMetrics:
     """The step's ``update``: k micro-batches, one optimizer update, in place."""
-    _check_objects(model, optimizer)
+    _checks.nnx_objects(model, optimizer, nnx.Module, nnx.Optimizer)
     momenta = _batch_norms(model, exact)
     graphdef, params, rest = _split_model(model, optimizer.wrt)
     params, rest = nnx.as_pure(params), nnx.as_pure(rest)

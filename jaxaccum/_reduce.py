@@ -143,12 +143,7 @@ class Reduction:
     name: str = "custom"
 
     def __post_init__(self) -> None:
-        for field, call, nargs in _PHASES:
-            value = getattr(self, field)
-            if value is not None or field in ("init", "update", "finalize"):
-                _checks.function(value, f"Reduction({field}=...)", call, nargs)
-        if not isinstance(self.name, str):
-            raise TypeError(f"Reduction(name=...) must be a str, got {self.name!r}.")
+        _checks.check_reduction(self, _PHASES)
 
     def __repr__(self) -> str:
         return f"Reduction({self.name})"
@@ -487,18 +482,7 @@ def default_reduce(dtype: np.dtype, weighted: bool) -> Reduction:
 
 
 def _check_leaf(r: Reduction, leaf: Any, path: str, ctx: ReduceContext) -> None:
-    dtype = leaf.dtype
-    if dtype == jax.dtypes.float0:
-        raise TypeError(
-            f"output leaf {path} has dtype float0 (the gradient of an integer or bool input "
-            "under allow_int=True), which has no values to reduce; differentiate with "
-            "respect to floating leaves only, or drop such leaves from step_fn's outputs."
-        )
-    if jnp.issubdtype(dtype, jax.dtypes.extended):
-        raise TypeError(
-            f"output leaf {path} has dtype {dtype}, which jaxaccum cannot reduce; return "
-            "jax.random.key_data(...) of it instead."
-        )
+    _checks.reducible(leaf, path)
     if r.check is not None:
         r.check(leaf, path, ctx._replace(out=leaf))
 

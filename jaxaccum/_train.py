@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxaccum import _checks, _docs, _engine, _equinox, _loss_scale, _split
+from jaxaccum import _checks, _docs, _engine, _equinox, _loss_scale
 from jaxaccum._engine import NonFinite, TrainMetrics, TrainStep
 from jaxaccum._loss_scale import DynamicLossScale, LossScaleState
 from jaxaccum._parallel import FSDP, DataAxis
@@ -218,10 +218,7 @@ def train_step(
         fsdp=fsdp,
         param_specs=param_specs,
     )
-    if not isinstance(optimizer, optax.GradientTransformation):
-        raise TypeError(
-            f"optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}."
-        )
+    _checks.optimizer(optimizer, "optimizer")
     forward = _forward(loss_fn, has_state)
 
     def init(params: Any, key: jax.Array | None = None, model_state: Any = None) -> TrainState:
@@ -229,7 +226,7 @@ def train_step(
             raise TypeError("train_step(..., with_key=True) needs init(params, key=...).")
         if key is not None:
             _checks.check_key(key, "init(params, key=...)'s key")
-        _check_model_state(model_state, has_state, "init(params, model_state=...)")
+        _checks.model_state_given(model_state, has_state, "init(params, model_state=...)")
         return TrainState(
             params=params,
             opt_state=optimizer.init(_equinox.trained(params)),
@@ -241,7 +238,7 @@ def train_step(
         )
 
     def update(state: TrainState, batch: Any) -> tuple[TrainState, TrainMetrics]:
-        trained, rest = _check_state(state, optimizer, with_key, has_state)
+        trained, rest = _checks.train_state(state, TrainState, optimizer, with_key, has_state)
         carry = state.model_state if has_state else {}
         core = _engine.Core(
             trained, state.opt_state, state.step, state.skipped, carry, state.loss_scale
@@ -281,80 +278,12 @@ def _forward(loss_fn: Callable[..., Any], has_state: bool) -> _engine.Forward:
         keys = () if key is None else (key,)
         if not has_state:
             return loss_fn(model, batch, *keys), carry
-        return _split_state(loss_fn(model, carry, batch, *keys), carry)
+        return _checks.returned_model_state(loss_fn(model, carry, batch, *keys), carry)
 
     return forward
-
-
-def _split_state(out: Any, before: Any) -> tuple[Any, Any]:
-    """``loss_fn``'s ``(output, model_state)``, checked to keep the state's layout."""
-    if not isinstance(out, (tuple, list)) or len(out) != 2:
-        raise TypeError(
-            "with has_state=True, loss_fn must return (loss, model_state), or "
-            f"((loss, aux), model_state) with has_aux, but it returned a {type(out).__name__}; "
-            "return the state the model gave back, e.g. `y, model_state = model(x, "
-            "model_state)`."
-        )
-    out, after = out
-    # PyTreeDef comes from jaxlib without annotations that mypy can resolve.
-    s_before: Any = jax.tree.structure(before)
-    s_after: Any = jax.tree.structure(after)
-    changed = [] if s_before != s_after else _split.changed_leaves(before, after, "model_state")
-    if s_before != s_after or changed:
-        what = (
-            f"the structure\n  {s_after}\ninstead of\n  {s_before}"
-            if s_before != s_after
-            else ", ".join(f"{p} of shape {a.shape} {a.dtype}" for p, _, a in changed[:3])
-        )
-        raise ValueError(
-            f"loss_fn returned a model_state with {what}; the state threaded through the "
-            "micro-batches must keep the structure, shapes and dtypes of state.model_state."
-        )
-    return out, after
 
 
 def _next_state(new: Any, carry: Any, rest: Any, counted: jax.Array) -> tuple[None, Any]:
     """The state the next micro-batch starts from: the one ``loss_fn`` returned, or the
     one before it for a micro-batch left out (``nonfinite="drop"``)."""
     return None, jax.tree.map(lambda n, o: jnp.where(counted, n, o), new, carry)
-
-
-def _check_state(
-    state: TrainState, optimizer: optax.GradientTransformation, with_key: bool, has_state: bool
-) -> tuple[Any, Any]:
-    """The trained part of ``state.params`` and the rest (see :func:`_equinox.split`);
-    raises unless ``state`` fits the step: its params, optimizer state, key and model state."""
-    if not isinstance(state, TrainState):
-        raise TypeError(
-            "state must be the TrainState that this step's init(params) returned (or a "
-            f"later update), got {type(state).__name__}."
-        )
-    trained, rest = _equinox.split(state.params)
-    _checks.trainable(trained, "state.params")
-    _checks.check_opt_state(
-        state.opt_state,
-        optimizer.init,
-        trained,
-        ("state.opt_state", "optimizer.init(state.params)"),
-        "create the state with this step's own init, step.init(params), or to switch "
-        "optimizers keep the params and start a new optimizer state: "
-        "state._replace(opt_state=optimizer.init(state.params)).",
-    )
-    if with_key and state.key is None:
-        raise TypeError("train_step(..., with_key=True) needs a TrainState with a key.")
-    _check_model_state(state.model_state, has_state, "a TrainState with a model_state")
-    return trained, rest
-
-
-def _check_model_state(model_state: Any, has_state: bool, where: str) -> None:
-    if has_state and model_state is None:
-        raise TypeError(
-            f"train_step(..., has_state=True) needs {where}: the model's mutable state, e.g. "
-            "the eqx.nn.State of `model, model_state = eqx.nn.make_with_state(Model)(...)`."
-        )
-    if not has_state and model_state is not None:
-        raise TypeError(
-            "got a model_state, but the step was built without has_state=True; build it with "
-            "has_state=True and a loss_fn(params, model_state, batch) that returns "
-            "(loss, model_state)."
-        )

@@ -14,7 +14,6 @@ import flax.errors
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 from flax import struct
 from flax.training import train_state
 from flax.training.dynamic_scale import DynamicScale
@@ -124,23 +123,8 @@ class TrainState(train_state.TrainState):
         """
         if loss_scale is not None:
             _loss_scale.check_config(loss_scale)
-        _checks.function(apply_fn, "apply_fn", "apply_fn(variables, x)", fix="pass model.apply.")
-        if not isinstance(variables, Mapping):
-            raise TypeError(
-                f"variables must be the dict of collections that model.init(key, x) returns, "
-                f"got {type(variables).__name__}."
-            )
-        if not isinstance(tx, optax.GradientTransformation):
-            raise TypeError(
-                f"tx must be an optax.GradientTransformation (e.g. optax.adam(1e-3)), got "
-                f"{type(tx).__name__}."
-            )
+        _checks.flax_variables(apply_fn, variables, tx)
         rest = dict(variables)
-        if "params" not in rest:
-            raise ValueError(
-                f"variables has no 'params' collection (it has {sorted(rest)}); pass what "
-                "model.init(key, x) returned."
-            )
         params = rest.pop("params")
         return cls.create(
             apply_fn=apply_fn,
@@ -170,31 +154,6 @@ def _modes(
         )
         for name in names
     }
-
-
-def _collection_options(
-    collections: Any, rngs: Any
-) -> tuple[dict[str, CollectionMode], tuple[str, ...]]:
-    """``collections=`` as modes by name and ``rngs=`` as a tuple of names, checked."""
-    if collections is not None and not isinstance(collections, Mapping):
-        raise TypeError(
-            "collections must be a mapping from collection name to mode, got "
-            f"{collections!r}; e.g. collections={{'intermediates': 'mean'}}."
-        )
-    if (
-        isinstance(rngs, str)
-        or not isinstance(rngs, Sequence)
-        or not all(isinstance(name, str) for name in rngs)
-    ):
-        raise TypeError(
-            f"rngs must be a sequence of PRNG stream names, got {rngs!r}; e.g. "
-            "rngs=('dropout',), or rngs=() for a model that draws no random numbers."
-        )
-    modes = {
-        name: CollectionMode.parse(mode, f"collections[{name!r}]")
-        for name, mode in dict(collections or {}).items()
-    }
-    return modes, tuple(rngs)
 
 
 def _takes_params(loss_fn: Callable[..., Any]) -> bool:
@@ -387,7 +346,7 @@ def train_step(
         param_specs=param_specs,
     )
     bn_mode = BatchNormMode.parse(batch_norm, "batch_norm")
-    modes_given, rng_names = _collection_options(collections, rngs)
+    modes_given, rng_names = _checks.collection_options(collections, rngs, CollectionMode)
 
     def init(
         apply_fn: Callable[..., Any],
@@ -398,7 +357,7 @@ def train_step(
         return TrainState.from_variables(apply_fn, variables, tx, key=key, loss_scale=loss_scale)
 
     def update(state: Any, batch: Any) -> tuple[Any, TrainMetrics]:
-        _check_state(state)
+        _checks.flax_state(state)
         cols, with_collections = _collections_of(state)
         modes = _modes(list(cols), bn_mode, modes_given)
         model = _Model(state.apply_fn, loss_fn, wants_params, modes, rng_names, cols)
@@ -454,7 +413,8 @@ def _scaling(state: Any, engine: _engine.Engine) -> tuple[Any, Callable[[Any, ja
     held = getattr(state, "loss_scale", None)
     config = engine.loss_scale
     if dynamic is not None:
-        _check_dynamic_scale(dynamic, engine)
+        skips = engine.nonfinite == NonFinite.SKIP
+        _checks.dynamic_scale(dynamic, DynamicScale, engine.loss_scale, skips)
         return dynamic, lambda s, finite: s.replace(
             dynamic_scale=_loss_scale.adjust_flax(dynamic, finite)
         )
@@ -478,26 +438,6 @@ def _scaling(state: Any, engine: _engine.Engine) -> tuple[Any, Callable[[Any, ja
             "loss_scale=."
         )
     return held, lambda s, finite: s.replace(loss_scale=_loss_scale.adjust(config, held, finite))
-
-
-def _check_dynamic_scale(dynamic: Any, engine: _engine.Engine) -> None:
-    if not isinstance(dynamic, DynamicScale):
-        raise TypeError(
-            "state.dynamic_scale must be a flax.training.dynamic_scale.DynamicScale or "
-            f"None, got {type(dynamic).__name__}."
-        )
-    if engine.loss_scale is not None:
-        raise ValueError(
-            f"the step was built with loss_scale={engine.loss_scale} and the state holds "
-            "a Flax DynamicScale in state.dynamic_scale: use one. Build the step without "
-            "loss_scale= to let state.dynamic_scale drive the scaling (Flax's rules), or "
-            "keep loss_scale= and build the state with dynamic_scale=None."
-        )
-    if engine.nonfinite != NonFinite.SKIP:
-        raise ValueError(
-            "state.dynamic_scale needs nonfinite='skip': with loss scaling a non-finite "
-            "micro-batch is an overflow, so the step is skipped and the scale lowered."
-        )
 
 
 class _Model:
@@ -599,7 +539,7 @@ class _Model:
         """Sequential collections move on (a dropped micro-batch leaves them); the others'
         values are what gets reduced."""
         for n, old in {**carry, **fixed}.items():
-            _check_same_layout(n, new.get(n, old), old)
+            _checks.collection_layout(n, new.get(n, old), old)
         moved = {
             n: jax.tree.map(lambda a, b: jnp.where(counted, a, b), new.get(n, v), v)
             for n, v in carry.items()
@@ -649,48 +589,4 @@ def _collections_of(state: Any) -> tuple[dict[str, Any], Callable[[Any, dict[str
     ]
     return {n: getattr(state, n) for n in names}, lambda s, new: s.replace(
         **{n: new[n] for n in names}
-    )
-
-
-def _check_state(state: Any) -> None:
-    """Raises unless ``state`` can run the step: a callable model and a matching opt_state."""
-    if not callable(getattr(state, "apply_fn", None)):
-        raise TypeError(
-            f"state.apply_fn must be the model's apply function, got "
-            f"{type(getattr(state, 'apply_fn', None)).__name__}; build the state with "
-            "jaxaccum.flax.TrainState.from_variables(model.apply, model.init(key, x), tx)."
-        )
-    _checks.trainable(state.params, "state.params")
-    _checks.check_opt_state(
-        state.opt_state,
-        state.tx.init,
-        state.params,
-        ("state.opt_state", "state.tx.init(state.params)"),
-        "build the state with its optimizer, TrainState.from_variables(model.apply, "
-        "variables, tx), or to switch optimizers start a new optimizer state: "
-        "state.replace(tx=tx, opt_state=tx.init(state.params)).",
-    )
-
-
-_COLLECTION_WORDING = _checks.Wording(
-    "changed structure during a micro-batch",
-    "changed shape or dtype between micro-batches",
-)
-
-
-def _check_same_layout(name: str, new: Any, old: Any) -> None:
-    """Raises if a collection changed structure, shape or dtype within one micro-batch's call."""
-    _checks.check_layout(
-        new,
-        old,
-        (f"collection {name!r}", "what it held before"),
-        "a collection carried through the micro-batches must keep its layout. For sown "
-        "values, overwrite instead of appending: self.sow(..., reduce_fn=lambda a, b: b, "
-        "init_fn=lambda: jnp.zeros(shape)), and create the state from model.init(key, x, "
-        "mutable=True) so the collection exists from the start.",
-        dtypes=True,
-        wording=_COLLECTION_WORDING,
-        shape_fix="variables that depend on the batch size must be initialised with a "
-        "micro-batch: model.init(key, x[: N // k]), and must not grow with the batch.",
-        root=name,
     )

@@ -39,7 +39,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import optax.microbatching
 
@@ -121,20 +120,8 @@ def _from_accumulator(acc: Any) -> Reduction:
     )
 
 
-def _check_accumulator(accumulator: Any) -> None:
-    """Raises unless every leaf of ``accumulator`` is an AccumulationType or Accumulator."""
-    leaves = jax.tree.leaves(accumulator, is_leaf=_is_spec)
-    bad = next((x for x in leaves if not _is_spec(x)), None) if leaves else accumulator
-    if bad is not None or not leaves:
-        raise TypeError(
-            "accumulator must be an optax.microbatching.AccumulationType member, an "
-            "Accumulator record, or a pytree prefix of fun's outputs holding them, got "
-            f"{bad!r}; e.g. accumulator=AccumulationType.MEAN."
-        )
-
-
 def _reductions(accumulator: Any) -> Any:
-    _check_accumulator(accumulator)
+    _checks.accumulator(accumulator, _is_spec)
 
     def one(spec: Any) -> Reduction:
         return _from_accumulator(spec) if isinstance(spec, Accumulator) else _BY_TYPE[spec]
@@ -143,71 +130,12 @@ def _reductions(accumulator: Any) -> Any:
 
 
 def _aggregates(accumulator: Any) -> Any:
-    _check_accumulator(accumulator)
+    _checks.accumulator(accumulator, _is_spec)
 
     def one(spec: Any) -> Callable[[Any], Any]:
         return spec.aggregate if isinstance(spec, Accumulator) else _AGGREGATE[spec]
 
     return jax.tree.map(one, accumulator, is_leaf=_is_spec)
-
-
-def _axes(in_axes: Any, allow_none: bool) -> tuple[Any, ...]:
-    """``in_axes`` as a tuple: one int (or None, where ``allow_none``) or a sequence of them."""
-    given = in_axes if isinstance(in_axes, Sequence) else (in_axes,)
-    ok = [
-        (allow_none and a is None)
-        or (isinstance(a, (int, np.integer)) and not isinstance(a, bool) and a >= 0)
-        for a in given
-    ]
-    if not given or not all(ok):
-        also = " or None (not mapped)" if allow_none else ""
-        raise ValueError(
-            f"in_axes must be a non-negative int{also}, or a sequence of them (one per "
-            f"argument), got {in_axes!r}."
-        )
-    return tuple(given)
-
-
-def _batch_size(
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    nums: tuple[int, ...],
-    names: tuple[str, ...],
-    axes: tuple[Any, ...],
-) -> int:
-    """The one batch size of the batch arguments, each argument checked as it is found."""
-    if len(axes) != len(nums) + len(names):
-        raise ValueError(
-            f"in_axes must be one int, or one per batch argument ({len(nums) + len(names)}: "
-            f"argnums {list(nums)}, then argnames {list(names)}), got {len(axes)}."
-        )
-    for num in nums:
-        if num >= len(args):
-            raise ValueError(
-                f"argnums={num} is out of range: the call passed {len(args)} positional "
-                "argument(s); point argnums at the batch arguments' positions."
-            )
-    for name in names:
-        if name not in kwargs:
-            raise ValueError(
-                f"argnames={name!r} was not passed by keyword (got {sorted(kwargs)}); pass it "
-                "by name or list its position in argnums."
-            )
-    sizes = set()
-    labels = [f"argument {i}" for i in nums] + list(names)
-    batches = [args[i] for i in nums] + [kwargs[name] for name in names]
-    for label, tree, ax in zip(labels, batches, axes, strict=True):
-        for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-            if not isinstance(ax, int) or not 0 <= ax < np.ndim(leaf):
-                raise ValueError(
-                    f"in_axes={ax!r} for {label} does not name an axis of its leaf "
-                    f"{label}{jax.tree_util.keystr(path)} of shape {np.shape(leaf)}; give "
-                    "the example axis, an int in [0, ndim)."
-                )
-            sizes.add(np.shape(leaf)[ax])
-    if len(sizes) != 1:
-        raise ValueError(f"batch arguments must share one batch size, got {sorted(sizes)}.")
-    return sizes.pop()
 
 
 def microbatch(
@@ -252,20 +180,12 @@ def microbatch(
     names = _args.as_tuple(argnames, "argnames", str)
     reduce = _reductions(accumulator)
 
-    if not nums and not names:
-        raise ValueError("argnums and argnames name no batch argument; give at least one.")
-    given_axes = _axes(in_axes, allow_none=False)
+    _checks.names_some((*nums, *names), "argnums and argnames")
+    given_axes = _checks.compat_axes(in_axes, allow_none=False)
 
     def microbatched(*args: Any, **kwargs: Any) -> Any:
-        _checks.function(fun, "fun", "fun(*args, **kwargs)", len(args), tuple(kwargs))
         axes = given_axes * (len(nums) + len(names)) if len(given_axes) == 1 else given_axes
-        n = _batch_size(args, kwargs, nums, names, axes)
-        if n % microbatch_size:
-            raise ValueError(
-                f"the batch size {n} of the batch arguments (argnums={list(nums)}, "
-                f"argnames={list(names)}) is not divisible by microbatch_size="
-                f"{microbatch_size}."
-            )
+        n = _checks.microbatch_call(fun, args, kwargs, (nums, names, axes), microbatch_size)
         run = accumulate(
             fun,
             n // microbatch_size,
@@ -310,9 +230,8 @@ def micro_vmap(
       The mapped function.
     """
     _checks.function(fun, "fun", "fun(*examples)")
-    if not (isinstance(out_axes, int) and not isinstance(out_axes, bool) and out_axes == 0):
-        raise NotImplementedError(f"micro_vmap supports out_axes=0 only, got {out_axes!r}.")
-    axes = _axes(in_axes, allow_none=True)
+    _checks.out_axes(out_axes)
+    axes = _checks.compat_axes(in_axes, allow_none=True)
     aggregate = _aggregates(accumulator)
 
     def mapped_and_reduced(*args: Any, kwargs: dict[str, Any]) -> Any:
@@ -321,17 +240,8 @@ def micro_vmap(
         return jax.tree.map(lambda agg, v: jax.tree.map(agg, v), aggregate, out, is_leaf=callable)
 
     def call(*args: Any, **kwargs: Any) -> Any:
-        _checks.function(fun, "fun", "fun(*examples)", len(args), tuple(kwargs))
         each = axes if isinstance(in_axes, Sequence) else axes * len(args)
-        if len(each) != len(args):
-            raise ValueError(
-                f"in_axes has {len(each)} entries but the call passed {len(args)} positional "
-                "argument(s); give one entry per positional argument (None: not mapped), "
-                "as jax.vmap does."
-            )
-        mapped = [i for i, a in enumerate(each) if a is not None]
-        if not mapped and not kwargs:
-            raise ValueError(f"in_axes={in_axes!r} maps no argument; give one a batch axis.")
+        mapped = _checks.micro_vmap_call(fun, args, kwargs, each, in_axes)
         run = microbatch(
             mapped_and_reduced,
             argnums=tuple(mapped),
@@ -387,17 +297,12 @@ def micro_grad(
         )
     has_aux = _checks.flag(has_aux, "has_aux")
     keep_batch_dim = _checks.flag(keep_batch_dim, "keep_batch_dim")
-    if not _args.as_tuple(argnums, "argnums", int):
-        raise ValueError("argnums names no argument to differentiate; e.g. argnums=0.")
+    _checks.names_some(_args.as_tuple(argnums, "argnums", int), "argnums")
     batch = _args.as_tuple(batch_argnums, "batch_argnums", int)
-    if not batch:
-        raise ValueError("batch_argnums names no argument; give the batch arguments' positions.")
+    _checks.names_some(batch, "batch_argnums")
 
     def with_aux(*args: Any, **kwargs: Any) -> Any:
-        out = fun(*args, **kwargs)
-        if has_aux and not (isinstance(out, tuple) and len(out) == 2):
-            raise TypeError(f"fun must return (value, aux) with has_aux=True, got {out!r}.")
-        return _checks.returned_arrays(out if has_aux else (out, None), "fun", "output")
+        return _checks.fun_output(fun(*args, **kwargs), has_aux)
 
     value_and_grad = jax.value_and_grad(with_aux, argnums, has_aux=True)
 
@@ -410,21 +315,10 @@ def micro_grad(
         (value, aux), grad = value_and_grad(*args, **kwargs)
         return transform_fn(grad), IndividualOutputs(value, metrics_fn(grad), aux)
 
-    _check_accumulator(accumulator)
+    _checks.accumulator(accumulator, _is_spec)
 
     def call(*args: Any, **kwargs: Any) -> Any:
-        if max(batch) >= len(args):
-            raise ValueError(
-                f"batch_argnums={list(batch)} is out of range: the call passed {len(args)} "
-                "positional argument(s)."
-            )
-        _checks.function(fun, "fun", "fun(*args, **kwargs)", len(args), tuple(kwargs))
-        n = _batch_size(args, {}, batch, (), (0,) * len(batch))
-        if microbatch_size is not None and n % microbatch_size:
-            raise ValueError(
-                f"the batch arguments (batch_argnums={list(batch)}) have {n} examples, not "
-                f"divisible by microbatch_size={microbatch_size}."
-            )
+        _checks.micro_grad_call(fun, args, kwargs, batch, microbatch_size)
         return micro_vmap(
             per_example,
             in_axes=[0 if i in batch else None for i in range(len(args))],
@@ -504,11 +398,7 @@ class MultiSteps:
         should_skip_update_fn: Callable[..., Any] | None = None,
         accumulator_dtype: Any = jnp.float32,
     ):
-        if not isinstance(opt, optax.GradientTransformation):
-            raise TypeError(
-                f"opt must be an optax.GradientTransformation (e.g. optax.adam(1e-3)), got "
-                f"{type(opt).__name__}."
-            )
+        _checks.optimizer(opt, "opt", example=True)
         self._dtype = _checks.check_accum_dtype(accumulator_dtype, "accumulator_dtype")
         self._ours = multi_steps(
             opt,

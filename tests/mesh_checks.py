@@ -625,6 +625,23 @@ def test_spec_mistakes_name_the_leaf_and_the_fix(in_specs, by_keyword, match):
             jax.jit(grad_fn)(params, batch)
 
 
+def test_a_spec_that_contradicts_an_explicit_type_names_in_specs():
+    """Replicated params on an Explicit mesh given ``in_specs=(P("data"), None)``: never
+    shard_map's raw mismatch error, but one naming ``in_specs``, the leaf and the fix."""
+    mesh = make_mesh("explicit", "replicated")
+    params = jax.device_put(fresh_params(), NamedSharding(mesh, P()))
+    specs = jax.tree.map(lambda x: P("data") if x.ndim == 2 else P(), params)
+    grad_fn = jaxaccum.accumulate(
+        jax.value_and_grad(mean_loss), K, data_axis="data", in_specs=(specs, None)
+    )
+    match = (
+        r"in_specs gives P\('data',\) for argument 0\['params'\]\['Dense_0'\]\['kernel'\], "
+        r"but its type is laid out as P\(None, None\); on Explicit mesh axes the type decides"
+    )
+    with jax.set_mesh(mesh), pytest.raises(ValueError, match=match):
+        jax.jit(grad_fn)(params, shard_batch(digits_batch(N), mesh))
+
+
 # --- Parity features over devices: early stop, a batch axis other than 0, reductions ---
 
 

@@ -149,8 +149,9 @@ def test_one_argument_with_two_roles_is_refused(carry, label):
 def test_refs_describe_themselves_by_name_or_position():
     assert ArgRef(1, "batch").label == "batch"
     assert ArgRef(2, None).label == "argument 2"
-    assert ArgRef(1, "batch").describe("batch") == "the batch argument batch"
-    assert ArgRef(2, None).describe("carry") == "the carry argument at position 2"
+    assert ArgRef(1, "batch").describe("batch") == "the batch argument batch (batch_argnums=1)"
+    assert ArgRef(None, "x").describe("batch") == "the batch argument x (batch_argnames)"
+    assert ArgRef(2, None).describe("carry") == "the carry argument at position 2 (carry_argnums=2)"
     assert ArgRef(2, None).describe("") == "the argument at position 2"
 
 
@@ -181,7 +182,8 @@ def test_replacing_arguments_leaves_the_call_unchanged():
 
 def test_missing_argument_names_its_role_and_the_options():
     message = (
-        r"the carry argument state was not passed \(got 2 positional argument\(s\) and "
+        r"the carry argument state \(carry_argnums=2\) was not passed \(got 2 positional "
+        r"argument\(s\) and "
         r"keywords \['scale'\]\); pass it, or point jaxaccum.accumulate at it with "
         r"carry_argnums=/carry_argnames=\."
     )

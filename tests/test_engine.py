@@ -193,9 +193,9 @@ def test_options_take_members_or_strings_and_name_the_choices():
         jaxaccum.NonFinite.DROP == "drop" and jaxaccum.Split("presplit") is jaxaccum.Split.PRESPLIT
     )
     by_member = jaxaccum.train_step(
-        optax_loss, optax.sgd(0.1), 2, nonfinite=jaxaccum.NonFinite.DROP
+        optax_loss, optax.sgd(0.1), 2, with_key=True, nonfinite=jaxaccum.NonFinite.DROP
     )
-    by_string = jaxaccum.train_step(optax_loss, optax.sgd(0.1), 2, nonfinite="drop")
+    by_string = jaxaccum.train_step(optax_loss, optax.sgd(0.1), 2, with_key=True, nonfinite="drop")
     assert type(by_member) is type(by_string)
     with pytest.raises(
         ValueError, match=r"batch_norm='full' is not one of \('sequential', 'exact'\)"
@@ -204,7 +204,7 @@ def test_options_take_members_or_strings_and_name_the_choices():
     with pytest.raises(ValueError, match=r"collections\['cache'\]='avg' is not one of"):
         jf.train_step(linen_loss, 2, collections={"cache": "avg"})
     with pytest.raises(ValueError, match=r"fsdp='zero3' is not one of"):
-        jaxaccum.train_step(optax_loss, optax.sgd(0.1), 2, fsdp="zero3")
+        jaxaccum.train_step(optax_loss, optax.sgd(0.1), 2, with_key=True, fsdp="zero3")
 
 
 def test_linen_step_runs_the_states_own_apply_gradients():

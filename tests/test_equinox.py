@@ -273,7 +273,7 @@ def test_has_state_misuse_is_named():
 
     for bad, error, match in (
         (forgets_state, TypeError, r"must return \(loss, model_state\)"),
-        (changes_state, ValueError, "returned a model_state with the structure"),
+        (changes_state, ValueError, "the model_state loss_fn returned is not laid out as"),
     ):
         step = jaxaccum.train_step(bad, optax.sgd(0.1), 2, has_state=True)
         with pytest.raises(error, match=match):

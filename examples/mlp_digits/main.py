@@ -15,6 +15,8 @@ from typing import Any
 # examples/, so that this example and the modules the examples share import by name.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from common import cli
+
 from mlp_digits import train
 
 PLOT = pathlib.Path(__file__).resolve().parent / "plot.png"
@@ -33,7 +35,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[train.Config, pathlib.Path]:
     """The settings and the plot's path; every k must divide the batch size."""
     default = train.Config()
     ks = ",".join(map(str, default.ks))
-    parser = argparse.ArgumentParser(description=train.__doc__.split("\n\n")[0])
+    parser = cli.parser_for(train)
     parser.add_argument("--steps", type=int, default=default.steps, help="updates per run")
     parser.add_argument("--ks", type=integers, default=ks, help="k of the accumulate runs")
     parser.add_argument(
@@ -64,10 +66,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[train.Config, pathlib.Path]:
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Trains every run, prints the table, saves the plot; returns one row per run."""
     config, out = parse_args(argv)
-    rows = train.train_and_evaluate(config)
-    train.print_table(rows)
-    train.plot(rows, out)
-    return rows
+    return cli.run(train, config, out)
 
 
 if __name__ == "__main__":

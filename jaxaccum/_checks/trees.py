@@ -1,13 +1,12 @@
-"""Argument checks shared by every entry point: the transform's options and the train steps'.
+"""Trees: arrays where arrays are expected, params that can be differentiated, what a loss
+returns, and one check of a tree against the layout it must keep (``check_layout``).
 
-Each raises ``ValueError``/``TypeError`` naming the argument, the leaf path where there is one,
-and the fix. The train-step checks take each front-end's own names (``state.opt_state`` or
-``optimizer.opt_state``), so a message reads in the terms of the call the user wrote.
+Leaf paths in messages start with the name the user reaches the tree by, e.g.
+``state.opt_state[0].mu['b']``.
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -18,64 +17,6 @@ import numpy as np
 from jaxaccum import _split
 
 _SHOWN = 5  # mismatched leaves listed before "and N more"
-
-
-def function(
-    value: Any,
-    name: str,
-    call: str,
-    nargs: int | None = None,
-    keywords: tuple[str, ...] = (),
-    fix: str = "pass the function itself (not its result).",
-) -> None:
-    """Raises ``TypeError`` at construction unless ``value`` can be called as ``call``.
-
-    Args:
-      value: what the user passed.
-      name: the argument, e.g. ``"weight_fn"``.
-      call: how jaxaccum calls it, e.g. ``"weight_fn(micro_batch)"``.
-      nargs: the positional arguments each call passes; checked against the signature
-        where one can be read (builtins and some C functions have none).
-      keywords: the keyword arguments each call passes besides.
-      fix: the sentence that says what to pass instead of a non-callable.
-    """
-    if not callable(value):
-        raise TypeError(f"{name} must be callable as {call}, got {type(value).__name__}; {fix}")
-    if nargs is None:
-        return
-    try:
-        signature = inspect.signature(value)
-    except (TypeError, ValueError):
-        return
-    try:
-        signature.bind(*range(nargs), **dict.fromkeys(keywords))
-    except TypeError as e:
-        raise TypeError(
-            f"{name} is called as {call}, but its signature {signature} does not take that "
-            f"call ({e}); change its parameters to match."
-        ) from None
-
-
-def check_functions(loss_fn: Any, weight_fn: Any, loss_call: str) -> None:
-    """Raises at construction unless ``loss_fn`` and ``weight_fn`` take the calls they get.
-
-    Args:
-      loss_fn: the loss function given to the train step.
-      weight_fn: the weight function given to the train step, or None.
-      loss_call: how the step calls ``loss_fn``, e.g. ``"loss_fn(params, batch)"``.
-    """
-    args = loss_call[loss_call.index("(") + 1 : -1].split(", ")
-    keywords = tuple(a.split("=")[0] for a in args if "=" in a)
-    fix = "pass the function itself (not its result) as the first argument."
-    function(loss_fn, "loss_fn", loss_call, len(args) - len(keywords), keywords, fix=fix)
-    if weight_fn is not None:
-        function(weight_fn, "weight_fn", "weight_fn(micro_batch)", 1, fix=WEIGHT_FN_FIX)
-
-
-WEIGHT_FN_FIX = (
-    "pass a function returning the micro-batch's number of valid items, e.g. "
-    "weight_fn=lambda mb: mb['mask'].sum(), or None to count every example once."
-)
 
 
 def _describe(x: Any) -> str:
@@ -303,137 +244,133 @@ def trainable(tree: Any, name: str) -> Any:
     return tree
 
 
-def check_k(k: Any) -> int:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(
-            f"k must be a positive int (the number of micro-batches), got {k!r} of type "
-            f"{type(k).__name__}; e.g. k=8. k is static: it fixes the scan length."
-        )
-    return int(k)
+def step_outputs(out: Any) -> Any:
+    """``step_fn``'s outputs as arrays; Python numbers and bools become constants."""
 
-
-def positive_int(value: Any, name: str, hint: str = "") -> int:
-    """``value`` if it is an int >= 1 (a bool is not)."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(
-            f"{name} must be a positive int, got {value!r} of type {type(value).__name__}"
-            + (f"; {hint}" if hint else ".")
-        )
-    return int(value)
-
-
-def real_number(value: Any, name: str) -> float:
-    """``value`` if it is one finite real number (a Python or NumPy int or float, not a bool)."""
-    number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
-        value, (bool, np.bool_)
-    )
-    if not number or not np.isfinite(value):
-        raise TypeError(f"{name} must be a finite real number, got {value!r}.")
-    return float(value)
-
-
-def flag(value: Any, name: str) -> bool:
-    """``value`` if it is a bool: a string such as "no" is not taken as true."""
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a bool (True or False), got {value!r}.")
-    return bool(value)
-
-
-def check_unroll(unroll: Any) -> int | bool:
-    if isinstance(unroll, bool) or (isinstance(unroll, int) and unroll >= 1):
-        return unroll
-    raise ValueError(f"unroll must be a positive int or a bool, got {unroll!r}.")
-
-
-def check_accum_dtype(accum_dtype: Any, name: str = "accum_dtype") -> np.dtype | None:
-    """A floating dtype, or None (each leaf's own dtype: no widening); ``name`` is the
-    argument as the user wrote it."""
-    if accum_dtype is None:
-        return None
-    try:
-        dtype = np.dtype(accum_dtype)
-    except TypeError:
-        dtype = None
-    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
-        raise ValueError(
-            f"{name} must be a floating dtype such as float32, or None for each leaf's "
-            f"own dtype, got {accum_dtype!r}."
-        )
-    return dtype
-
-
-RAW_KEY_LENGTHS = {2, 4}  # threefry2x32 / rbg key data, as jax.random.PRNGKey makes them
-
-
-def check_key(key: Any, label: str) -> None:
-    dtype = getattr(key, "dtype", None)
-    if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key):
-        if key.shape == ():
-            return
-    elif dtype == jnp.uint32 and np.ndim(key) == 1:
-        if np.shape(key)[0] in RAW_KEY_LENGTHS:
-            return
+    def one(path: Any, x: Any) -> Any:
+        if isinstance(x, ARRAY_TYPES):
+            return jnp.asarray(x)
         raise TypeError(
-            f"{label} is a uint32 array of shape {np.shape(key)}, which is not a "
-            "legacy PRNG key (jax.random.PRNGKey(seed) has shape (2,)); pass "
-            "jax.random.key(seed), and split batches of keys "
-            "before the call."
+            f"step_fn returned a {type(x).__name__} at output{jax.tree_util.keystr(path)}; "
+            "every output leaf must be an array or a number. Return strings and other "
+            "Python objects from a function outside the accumulated step."
         )
-    got = f"shape {getattr(key, 'shape', None)} dtype {dtype}" if dtype else type(key).__name__
-    raise TypeError(
-        f"{label} must be one PRNG key (jax.random.key(seed), or a legacy "
-        f"uint32 jax.random.PRNGKey(seed)), got {got}; split batches of keys before the call "
-        "or pass the key array as a batch argument instead."
+
+    return jax.tree_util.tree_map_with_path(one, out)
+
+
+def reducible(leaf: Any, path: str) -> None:
+    """Raises for an output leaf (its shape and dtype) that no reduction can take."""
+    dtype = leaf.dtype
+    if dtype == jax.dtypes.float0:
+        raise TypeError(
+            f"output leaf {path} has dtype float0 (the gradient of an integer or bool input "
+            "under allow_int=True), which has no values to reduce; differentiate with "
+            "respect to floating leaves only, or drop such leaves from step_fn's outputs."
+        )
+    if jnp.issubdtype(dtype, jax.dtypes.extended):
+        raise TypeError(
+            f"output leaf {path} has dtype {dtype}, which jaxaccum cannot reduce; return "
+            "jax.random.key_data(...) of it instead."
+        )
+
+
+_CARRY_WORDING = Wording(
+    "is not laid out as {source}",
+    "changed between micro-batches (lax.scan needs a fixed carry)",
+)
+
+
+def carried_state(before: dict[str, Any], after: dict[str, Any]) -> None:
+    """Raises if the carried state coming out of ``step_fn`` differs in structure or type.
+
+    Both maps go from a carried argument's label to its (abstract) value.
+    """
+    for label in before:
+        check_layout(
+            after[label],
+            before[label],
+            (f"step_fn's new state for {label}", f"the {label} it received"),
+            "return (outputs, new_state) where new_state has the structure of the carried "
+            "argument(s).",
+            dtypes=True,
+            wording=_CARRY_WORDING,
+            shape_fix="cast the new state back in step_fn, e.g. new.astype(old.dtype).",
+            root=label,
+        )
+
+
+def reduction_carry(r: Any, ctx: Any, path: str, carry: Any) -> None:
+    """Raises unless a user-defined reduction's ``update`` keeps its carry's type.
+
+    ``r`` is the ``Reduction``, ``ctx`` its ``ReduceContext`` (``ctx.out``: the type of the
+    output leaf at ``path``), ``carry`` what its ``init`` made.
+    """
+    step = ctx._replace(index=jnp.int32(0), weight=jnp.float32(1))
+    who = "reduce='s Reduction.update"
+    after = jax.eval_shape(
+        lambda c, x: returned_arrays(r.update(c, x, step), who, path), carry, ctx.out
     )
-
-
-def check_in_axes(in_axes: Any, n_batch: int) -> tuple[int, ...]:
-    """One example axis for all batch arguments, or one per batch argument."""
-    given = (in_axes,) if isinstance(in_axes, (int, np.integer)) else in_axes
-    try:
-        axes = tuple(given)
-    except TypeError:
-        axes = ()
-    ok = all(isinstance(a, (int, np.integer)) and not isinstance(a, bool) and a >= 0 for a in axes)
-    if not axes or not ok or len(axes) not in (1, n_batch):
-        raise ValueError(
-            f"in_axes must be a non-negative int (the example axis of every batch argument) "
-            f"or one per batch argument ({n_batch}: batch_argnums, then batch_argnames), "
-            f"got {in_axes!r}; e.g. in_axes=1 for time-major (T, N, ...) batches."
+    before = jax.eval_shape(lambda c: c, carry)
+    types = lambda t: jax.tree.map(lambda v: (v.shape, v.dtype), t)  # noqa: E731
+    s_after: Any = jax.tree.structure(after)  # PyTreeDef: no annotations mypy resolves
+    if s_after != jax.tree.structure(before) or types(after) != types(before):
+        raise TypeError(
+            f"reduction {r.name} at {path}: update returned a carry of type "
+            f"{types(after)}, but init made {types(before)}; the carry must keep its "
+            "structure, shapes and dtypes (cast in update, e.g. new.astype(old.dtype))."
         )
-    return tuple(int(a) for a in axes)
 
 
-def check_num_real(num_real: Any, k: int) -> Any:
-    """None, a concrete count in [0, k], or a traced integer scalar (clipped when run)."""
-    if num_real is None:
-        return None
-    if isinstance(num_real, jax.core.Tracer):
-        dtype = num_real.dtype
-        if np.shape(num_real) != () or not jnp.issubdtype(dtype, jnp.integer):
-            raise TypeError(
-                f"num_real_microbatches must be an integer scalar, got shape "
-                f"{np.shape(num_real)} dtype {dtype}; e.g. jnp.int32(m)."
-            )
-        return num_real
-    value = np.asarray(num_real)
-    if value.shape != () or not np.issubdtype(value.dtype, np.integer) or not 0 <= value <= k:
-        raise ValueError(
-            f"num_real_microbatches must be an integer in [0, k={k}] (how many of the k "
-            f"micro-batches run), got {num_real!r}."
+_MODEL_STATE_WORDING = Wording(
+    "is not laid out as {source}", "changed between micro-batches (lax.scan needs a fixed carry)"
+)
+
+
+def returned_model_state(out: Any, before: Any) -> tuple[Any, Any]:
+    """``loss_fn``'s ``(output, model_state)`` with ``has_state``, checked to keep the layout
+    of the state it was given (``before``)."""
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+        raise TypeError(
+            "with has_state=True, loss_fn must return (loss, model_state), or "
+            f"((loss, aux), model_state) with has_aux, but it returned a {type(out).__name__}; "
+            "return the state the model gave back, e.g. `y, model_state = model(x, "
+            "model_state)`."
         )
-    return int(value)
+    out, after = out
+    check_layout(
+        after,
+        before,
+        ("the model_state loss_fn returned", "state.model_state"),
+        "the state threaded through the micro-batches must keep the structure, shapes and "
+        "dtypes it was given: return the state the model gave back.",
+        dtypes=True,
+        wording=_MODEL_STATE_WORDING,
+        root="model_state",
+    )
+    return out, after
 
 
-def check_weight(w: Any) -> Any:
-    """``weight_fn``'s value (or its shape and dtype), if it is one real scalar."""
-    if isinstance(w, (bool, int, float)):
-        return w
-    real = hasattr(w, "dtype") and jnp.issubdtype(w.dtype, jnp.number)
-    if real and w.shape == () and not jnp.issubdtype(w.dtype, jnp.complexfloating):
-        return w
-    got = f"shape {w.shape} dtype {w.dtype}" if hasattr(w, "dtype") else f"a {type(w).__name__}"
-    error = ValueError if real and not jnp.issubdtype(w.dtype, jnp.complexfloating) else TypeError
-    raise error(
-        f"weight_fn must return one real scalar per micro-batch (e.g. mask.sum()), got {got}."
+_COLLECTION_WORDING = Wording(
+    "changed structure during a micro-batch",
+    "changed shape or dtype between micro-batches",
+)
+
+
+def collection_layout(name: str, new: Any, old: Any) -> None:
+    """Raises if a linen collection changed structure, shape or dtype within one
+    micro-batch's call."""
+    check_layout(
+        new,
+        old,
+        (f"collection {name!r}", "what it held before"),
+        "a collection carried through the micro-batches must keep its layout. For sown "
+        "values, overwrite instead of appending: self.sow(..., reduce_fn=lambda a, b: b, "
+        "init_fn=lambda: jnp.zeros(shape)), and create the state from model.init(key, x, "
+        "mutable=True) so the collection exists from the start.",
+        dtypes=True,
+        wording=_COLLECTION_WORDING,
+        shape_fix="variables that depend on the batch size must be initialised with a "
+        "micro-batch: model.init(key, x[: N // k]), and must not grow with the batch.",
+        root=name,
     )
