@@ -11,8 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
 
-from jaxaccum import _args, _checks, _cpu_conv, _equinox, _parallel, _reduce, _split
+from jaxaccum import _args, _checks, _equinox, _parallel, _reduce, _split
 from jaxaccum._args import ArgRef, BoundCall
+from jaxaccum._internal import cpu_conv as _cpu_conv
 from jaxaccum._parallel import FSDP, DataAxis, Placement, Totals
 from jaxaccum._split import Split
 

@@ -38,12 +38,12 @@ class ArgRef:
         return f"the {role} argument {where} ({option})"
 
 
-class Option(tuple[Any, ...]):
+class NamedItems(tuple[Any, ...]):
     """The items of one option, such as ``batch_argnums``, and the option's name."""
 
     name: str
 
-    def __new__(cls, items: Sequence[Any], name: str) -> Option:
+    def __new__(cls, items: Sequence[Any], name: str) -> NamedItems:
         option = super().__new__(cls, items)
         option.name = name
         return option
@@ -52,9 +52,9 @@ class Option(tuple[Any, ...]):
 def as_tuple(value: Any, option: str, kind: type) -> tuple[Any, ...]:
     """Normalises an ``int | Sequence[int]`` (or str) option to a tuple, checking types.
 
-    The result is an :class:`Option`, so later checks can name the option it came from.
+    The result is a :class:`NamedItems`, so later checks can name the option it came from.
     """
-    return Option(_checks.option_items(value, option, kind), option)
+    return NamedItems(_checks.option_items(value, option, kind), option)
 
 
 def resolve_refs(

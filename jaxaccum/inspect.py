@@ -11,10 +11,10 @@ Import it as ``import jaxaccum.inspect``. Nothing here is needed inside a traini
   are the batch-size arithmetic of per-device batch × devices × k.
 """
 
-from jaxaccum._batching import ScalingRule as ScalingRule
-from jaxaccum._batching import accumulation_steps as accumulation_steps
-from jaxaccum._batching import effective_batch_size as effective_batch_size
-from jaxaccum._batching import scale_learning_rate as scale_learning_rate
+from jaxaccum._batch_sizes import ScalingRule as ScalingRule
+from jaxaccum._batch_sizes import accumulation_steps as accumulation_steps
+from jaxaccum._batch_sizes import effective_batch_size as effective_batch_size
+from jaxaccum._batch_sizes import scale_learning_rate as scale_learning_rate
 from jaxaccum._collectives import Collective as Collective
 from jaxaccum._collectives import CollectiveReport as CollectiveReport
 from jaxaccum._collectives import collectives as collectives

@@ -4,7 +4,7 @@
 machine does not have. For ``"cuda"`` and ``"tpu"`` the accumulated loop must hold exactly
 the step's operations, as a hand-written ``lax.scan`` calling the step lowers them: no
 platform ``case``, no convolution rewrite, no custom calls. The CPU lowering of a CNN is
-the one that differs (the convolution layout rewrite of ``jaxaccum._cpu_conv``), which
+the one that differs (the convolution layout rewrite of ``jaxaccum._internal.cpu_conv``), which
 shows which path each platform takes. Operations are compared by name and count in the
 StableHLO text; bookkeeping that the hand-written scan spends on indexing (an ``iota`` to
 scan over, negative-index normalisation) is the only difference allowed, in its favour.

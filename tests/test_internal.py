@@ -1,7 +1,7 @@
 """Convolutions in a loop body: canonical for XLA:CPU, as written elsewhere, same results.
 
 XLA:CPU runs a convolution fast only in (batch, spatial..., feature) / (spatial..., in, out)
-layout and rewrites other layouts into it only outside loops. ``jaxaccum/_cpu_conv.py``
+layout and rewrites other layouts into it only outside loops. ``jaxaccum/_internal/cpu_conv.py``
 rewrites them in the CPU lowering of a loop body. These tests call it from hand-written
 ``lax.scan`` loops and check that results equal the same loop calling the step directly
 (1e-5 relative and absolute: float32 kernels that sum in another order), that the compiled
@@ -30,7 +30,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxaccum
-from jaxaccum import _cpu_conv
+from jaxaccum._internal import cpu_conv as _cpu_conv
 
 RTOL, ATOL = 1e-5, 1e-5
 CANONICAL = {"b0f_0io->b0f", "b01f_01io->b01f", "b012f_012io->b012f"}
