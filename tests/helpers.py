@@ -9,6 +9,7 @@ import pathlib
 import subprocess
 import sys
 import tempfile
+import time
 from typing import Any
 from xml.etree import ElementTree
 
@@ -140,50 +141,68 @@ def eight_device_checks() -> list[str]:
     return found
 
 
+# Runs the command after the folder argument, its output to ``output.txt`` in that folder,
+# then writes its exit code to ``exit_code`` there: whoever holds the folder can wait for it.
+_RECORDING = """
+import pathlib, subprocess, sys
+folder = pathlib.Path(sys.argv[1])
+with open(folder / "output.txt", "w") as log:
+    code = subprocess.call(sys.argv[2:], stdout=log, stderr=subprocess.STDOUT)
+(folder / "exit_code").write_text(str(code))
+"""
+
+
 class EightDeviceRun:
     """The 8-device check files, running in their own interpreter in the background.
 
     XLA:CPU fixes its device count when the backend starts, so these files run in a fresh
     interpreter started with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``. Their
-    output goes to a temporary file (a pipe could fill up and stall them), and the outcome
-    of every case to a JUnit XML report, read back per check by :meth:`outcomes`.
+    output goes to a file in ``folder`` (a pipe could fill up and stall them), the outcome
+    of every case to a JUnit XML report there, read back per check by :meth:`wait`. With
+    pytest-xdist, one worker starts the run in a folder the workers share and the others
+    (``start=False``) wait for the same folder's results.
     """
 
-    def __init__(self) -> None:
-        env = dict(os.environ)
-        env["XLA_FLAGS"] = (
-            env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-        ).strip()
-        env["JAX_PLATFORMS"] = "cpu"
-        self.dir = tempfile.TemporaryDirectory()
-        self.report = pathlib.Path(self.dir.name) / "report.xml"
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
-        cmd += ["--junitxml", str(self.report), "-o", "junit_family=xunit1"]
-        # Open for the run's lifetime; wait() reads and closes it.
-        self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [*cmd, *EIGHT_DEVICE_CHECKS],
-            cwd=HERE,
-            env=env,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+    def __init__(self, folder: pathlib.Path | None = None, start: bool = True) -> None:
+        self.dir = tempfile.TemporaryDirectory() if folder is None else None
+        self.folder = pathlib.Path(self.dir.name) if self.dir is not None else folder
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.report = self.folder / "report.xml"
+        self.proc: subprocess.Popen[bytes] | None = None
+        if start:
+            env = dict(os.environ)
+            env["XLA_FLAGS"] = (
+                env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+            ).strip()
+            env["JAX_PLATFORMS"] = "cpu"
+            env.pop("PYTEST_XDIST_WORKER", None)
+            cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0"]
+            cmd += ["--junitxml", str(self.report), "-o", "junit_family=xunit1"]
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", _RECORDING, str(self.folder), *cmd, *EIGHT_DEVICE_CHECKS],
+                cwd=HERE,
+                env=env,
+            )
         self.done: tuple[int, str, dict[str, list[tuple[str, str]]]] | None = None
 
     def wait(self, timeout: float) -> tuple[int, str, dict[str, list[tuple[str, str]]]]:
-        """Waits for the run (killing it after ``timeout`` s) once; then returns its exit
-        code, its output, and per ``file::function`` each case's ``(name, failure)``
-        (failure "" when the case passed, "skipped" when it was skipped)."""
+        """Waits for the run (killing it after ``timeout`` s, where this process started
+        it) once; then returns its exit code, its output, and per ``file::function`` each
+        case's ``(name, failure)`` (failure "" when the case passed, "skipped" when it was
+        skipped)."""
         if self.done is None:
-            try:
-                code = self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                code = self.proc.wait()
-            self.log.seek(0)
-            output = self.log.read()
-            self.log.close()
+            exit_code = self.folder / "exit_code"
+            deadline = time.monotonic() + timeout
+            while not exit_code.is_file() and time.monotonic() < deadline:
+                time.sleep(1.0)
+            if exit_code.is_file():
+                code = int(exit_code.read_text() or -1)
+            else:
+                if self.proc is not None:
+                    self.proc.kill()
+                code = -1
+            log = self.folder / "output.txt"
+            output = log.read_text() if log.is_file() else ""
             self.done = code, output, self._cases()
         return self.done
 
