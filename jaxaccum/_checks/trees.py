@@ -194,6 +194,14 @@ def check_layout(
 ARRAY_TYPES = (jax.Array, np.ndarray, np.generic, bool, int, float, complex)
 
 
+def _non_array(tree: Any) -> tuple[str, Any] | None:
+    """The first leaf of ``tree`` that is neither an array nor a number, with its path."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        if not isinstance(leaf, ARRAY_TYPES):
+            return jax.tree_util.keystr(path), leaf
+    return None
+
+
 def returned_arrays(tree: Any, who: str, where: str, *, empty: bool = True) -> Any:
     """``tree`` if every leaf is an array or a number; else a ``TypeError`` naming ``who``.
 
@@ -208,23 +216,24 @@ def returned_arrays(tree: Any, who: str, where: str, *, empty: bool = True) -> A
             f"{who} returned {tree!r} at {where}, which holds no arrays; it must return the "
             "carry to accumulate into, e.g. jnp.zeros(out.shape, jnp.float32)."
         )
-    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-        if not isinstance(leaf, ARRAY_TYPES):
-            raise TypeError(
-                f"{who} returned {_describe(leaf)} at {where}{jax.tree_util.keystr(path)}; "
-                "it must return arrays (a pytree of them) or numbers."
-            )
+    found = _non_array(tree)
+    if found is not None:
+        path, leaf = found
+        raise TypeError(
+            f"{who} returned {_describe(leaf)} at {where}{path}; "
+            "it must return arrays (a pytree of them) or numbers."
+        )
     return tree
 
 
 def given_arrays(tree: Any, name: str) -> Any:
     """``tree`` if every leaf is an array or a number; else a ``TypeError`` naming the leaf."""
-    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-        if not isinstance(leaf, ARRAY_TYPES):
-            raise TypeError(
-                f"{name} must be a pytree of arrays, but {name}{jax.tree_util.keystr(path)} is "
-                f"{_describe(leaf)}."
-            )
+    found = _non_array(tree)
+    if found is not None:
+        path, leaf = found
+        raise TypeError(
+            f"{name} must be a pytree of arrays, but {name}{path} is {_describe(leaf)}."
+        )
     return tree
 
 
@@ -247,16 +256,15 @@ def trainable(tree: Any, name: str) -> Any:
 def step_outputs(out: Any) -> Any:
     """``step_fn``'s outputs as arrays; Python numbers and bools become constants."""
 
-    def one(path: Any, x: Any) -> Any:
-        if isinstance(x, ARRAY_TYPES):
-            return jnp.asarray(x)
+    found = _non_array(out)
+    if found is not None:
+        path, leaf = found
         raise TypeError(
-            f"step_fn returned a {type(x).__name__} at output{jax.tree_util.keystr(path)}; "
+            f"step_fn returned a {type(leaf).__name__} at output{path}; "
             "every output leaf must be an array or a number. Return strings and other "
             "Python objects from a function outside the accumulated step."
         )
-
-    return jax.tree_util.tree_map_with_path(one, out)
+    return jax.tree.map(jnp.asarray, out)
 
 
 def reducible(leaf: Any, path: str) -> None:
