@@ -10,8 +10,8 @@ from jaxaccum._multisteps import flush as flush
 from jaxaccum._multisteps import multi_steps as multi_steps
 from jaxaccum._parallel import FSDP as FSDP
 from jaxaccum._parallel import DataAxis as DataAxis
+from jaxaccum._reduce import LeafInfo as LeafInfo
 from jaxaccum._reduce import Reduce as Reduce
-from jaxaccum._reduce import ReduceContext as ReduceContext
 from jaxaccum._reduce import Reduction as Reduction
 from jaxaccum._split import Split as Split
 from jaxaccum._split import pad_batch as pad_batch
@@ -26,11 +26,11 @@ __all__ = [
     "FSDP",
     "DataAxis",
     "DynamicLossScale",
+    "LeafInfo",
     "LossScaleState",
     "MultiStepsState",
     "NonFinite",
     "Reduce",
-    "ReduceContext",
     "Reduction",
     "Split",
     "TrainMetrics",

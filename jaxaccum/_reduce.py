@@ -1,10 +1,12 @@
 """How each output leaf of a step function is combined across micro-batches.
 
-A reduction is a record of functions (:class:`Reduction`): ``init`` makes a carry from
-one micro-batch's output type, ``update`` folds micro-batch j's output into it,
-``finalize`` turns the carry into the result, and ``combine`` / ``aggregate`` say how
-per-device results become one. The built-in reductions named by :class:`Reduce` are
-written in the same protocol users get.
+A reduction is a small record of functions (:class:`Reduction`), each given what its phase
+needs: ``init(info)`` makes a carry from the leaf's :class:`LeafInfo`, ``update(carry,
+value, index, weight)`` folds micro-batch ``index``'s output in, ``finalize(carry, info,
+count, weight_sum)`` turns the carry into the result, and ``combine`` / ``aggregate`` say
+how per-device results become one. The built-in reductions named by :class:`Reduce` are
+records of the same protocol (:data:`BUILTIN`), made of the functions in
+``_builtin_reductions``.
 """
 
 from __future__ import annotations
@@ -17,7 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxaccum import _checks, _options, _parallel
+from jaxaccum import _builtin_reductions, _checks, _options
+from jaxaccum._builtin_reductions import accum_dtype as accum_dtype
+from jaxaccum._builtin_reductions import counts as counts
+from jaxaccum._builtin_reductions import weight_dtype as weight_dtype
+from jaxaccum._builtin_reductions import weighted as weighted
 
 
 class Reduce(_options.Option):
@@ -52,24 +58,17 @@ class Reduce(_options.Option):
     CONCAT = "concat"
 
 
-class ReduceContext(NamedTuple):
-    """What a :class:`Reduction`'s functions are told about the loop.
+class LeafInfo(NamedTuple):
+    """What a :class:`Reduction` is told about the output leaf it reduces and the loop.
+
+    Static, and the same in every phase that takes it.
 
     Attributes:
       out: the leaf's type for one micro-batch (``jax.ShapeDtypeStruct``).
-      k: micro-batches per call (static).
+      k: micro-batches per call.
       accum_dtype: dtype for running sums of floating leaves (None: the leaf's own).
       split: how the batch was split (``"strided"``, ``"contiguous"``, ``"presplit"``).
       weighted: whether a ``weight_fn`` gives micro-batch weights.
-      index: in ``update``, the micro-batch index j (an int32 scalar, traced).
-      weight: in ``update``, ``w_j`` (a float scalar), or None without ``weight_fn``.
-      count: in ``finalize``, the number of micro-batches that ran, over all devices
-        (k times the devices unless the loop stopped early; then traced).
-      weight_sum: in ``finalize``, the sum of the positive weights over all devices
-        (None without ``weight_fn``).
-      weights: in ``combine``, this device's per-micro-batch weights, shape ``(k,)``
-        (0 for micro-batches that did not run), or None without ``weight_fn``.
-      axes: in ``combine``, the data axes to combine over.
     """
 
     out: Any
@@ -77,56 +76,59 @@ class ReduceContext(NamedTuple):
     accum_dtype: Any
     split: str
     weighted: bool
-    index: Any = None
-    weight: Any = None
-    count: Any = None
-    weight_sum: Any = None
-    weights: Any = None
-    axes: tuple[str, ...] = ()
 
 
 _PHASES = (  # each function of a Reduction, how the loop calls it, and its argument count
-    ("init", "init(out, ctx)", 2),
-    ("update", "update(carry, out_j, ctx)", 3),
-    ("finalize", "finalize(carry, ctx)", 2),
+    ("init", "init(info)", 1),
+    ("update", "update(carry, value, index, weight)", 4),
+    ("finalize", "finalize(carry, info, count, weight_sum)", 4),
     ("aggregate", "aggregate(values)", 1),
-    ("combine", "combine(carry, ctx)", 2),
-    ("check", "check(out, path, ctx)", 3),
+    ("combine", "combine(carry, info, axes, count, weights)", 5),
+    ("check", "check(info, path)", 2),
 )
 
 
 @dataclasses.dataclass(frozen=True, eq=False, repr=False)
 class Reduction:
-    """A user-defined reduction of one output leaf over micro-batches.
+    """A reduction of one output leaf over micro-batches: a record of functions.
 
-    The loop runs ``carry = init(out, ctx)``, then ``carry = update(carry, out_j, ctx)``
-    for each micro-batch j that runs (``ctx.index`` is j, ``ctx.weight`` its weight),
-    then returns ``finalize(carry, ctx)``. The carry is any pytree of arrays with a
-    fixed type. Give a ``Reduction`` anywhere ``reduce=`` takes a :class:`Reduce`.
+    The loop runs ``carry = init(info)``, then ``carry = update(carry, value, index,
+    weight)`` for each micro-batch ``index`` that runs (``value`` its output leaf, ``weight``
+    its weight, or None without ``weight_fn``), then returns ``finalize(carry, info, count,
+    weight_sum)``. The carry is any pytree of arrays with a fixed type. ``info`` is the
+    leaf's :class:`LeafInfo`. Give a ``Reduction`` anywhere ``reduce=`` takes a
+    :class:`Reduce`; :meth:`builtin` gives the records the members name.
 
     Over devices (``data_axis=`` or ``axis_name=``): with ``combine``, each device's
-    carry after its loop is combined by ``combine(carry, ctx)`` (``ctx.axes`` the data
-    axes, inside ``shard_map``) and then finalized; without it, each device finalizes
-    its own carry, the results are gathered on a new leading axis (one per device, in
-    the batch's device order) and reduced by ``aggregate``.
+    carry after its loop is combined over the data ``axes`` (inside ``shard_map``) and then
+    finalized; without it, each device finalizes its own carry, the results are gathered
+    on a new leading axis (one per device, in the batch's device order) and reduced by
+    ``aggregate``.
 
     Attributes:
-      init: ``(out, ctx) -> carry`` from one micro-batch's output type.
-      update: ``(carry, value, ctx) -> carry``.
-      finalize: ``(carry, ctx) -> result``.
-      aggregate: ``values -> result``, reducing a leading axis of stacked results
+      init: ``(info) -> carry``, from the type of one micro-batch's output ``info.out``.
+      update: ``(carry, value, index, weight) -> carry``; ``index`` is the micro-batch
+        index (an int32 scalar, traced), ``weight`` its weight (a float scalar) or None.
+      finalize: ``(carry, info, count, weight_sum) -> result``; ``count`` micro-batches
+        ran (k unless the loop stopped early, then traced) and their positive weights sum
+        to ``weight_sum`` (None without ``weight_fn``): over all devices after
+        ``combine``, on this device when the results are aggregated.
+      aggregate: ``(values) -> result``, reducing a leading axis of stacked results
         (e.g. ``lambda v: v.sum(0)``); needed over devices when ``combine`` is None.
-      combine: ``(carry, ctx) -> carry`` over ``ctx.axes``, or None.
-      check: ``(out, path, ctx) -> None``, raising ``TypeError``/``ValueError`` at trace
-        time for an output leaf the reduction does not fit; or None.
+      combine: ``(carry, info, axes, count, weights) -> carry``, combining the carries
+        over the data ``axes``; ``count`` micro-batches ran on this device, ``weights``
+        holds their weights, shape ``(k,)`` (0 for those that did not run), or is None
+        without ``weight_fn``. Or None.
+      check: ``(info, path) -> None``, raising ``TypeError``/``ValueError`` at trace time
+        for an output leaf (``info.out``, at ``path``) the reduction does not fit; or None.
       name: shown in error messages.
 
     Examples:
       >>> import jax.numpy as jnp, jaxaccum
       >>> sum_sq = jaxaccum.Reduction(
-      ...     init=lambda out, ctx: jnp.zeros(out.shape, jnp.float32),
-      ...     update=lambda acc, x, ctx: acc + x.astype(jnp.float32) ** 2,
-      ...     finalize=lambda acc, ctx: jnp.sqrt(acc),
+      ...     init=lambda info: jnp.zeros(info.out.shape, jnp.float32),
+      ...     update=lambda acc, x, index, weight: acc + x.astype(jnp.float32) ** 2,
+      ...     finalize=lambda acc, info, count, weight_sum: jnp.sqrt(acc),
       ...     aggregate=lambda v: jnp.sqrt((v**2).sum(0)),
       ...     name="root_sum_squares")
       >>> f = jaxaccum.accumulate(lambda b: b.sum(), k=2, batch_argnums=0, reduce=sum_sq)
@@ -134,12 +136,12 @@ class Reduction:
       4.123105525970459
     """
 
-    init: Callable[[Any, ReduceContext], Any]
-    update: Callable[[Any, Any, ReduceContext], Any]
-    finalize: Callable[[Any, ReduceContext], Any]
+    init: Callable[[LeafInfo], Any]
+    update: Callable[[Any, Any, Any, Any], Any]
+    finalize: Callable[[Any, LeafInfo, Any, Any], Any]
     aggregate: Callable[[Any], Any] | None = None
-    combine: Callable[[Any, ReduceContext], Any] | None = None
-    check: Callable[[Any, str, ReduceContext], None] | None = None
+    combine: Callable[[Any, LeafInfo, tuple[str, ...], Any, Any], Any] | None = None
+    check: Callable[[LeafInfo, str], None] | None = None
     name: str = "custom"
 
     def __post_init__(self) -> None:
@@ -163,263 +165,82 @@ class Reduction:
         return found
 
 
-def accum_dtype(dtype: Any, accum: Any) -> np.dtype:
-    """The running-sum dtype of a floating leaf (its own with ``accum`` None)."""
-    dtype = np.dtype(dtype)
-    if accum is None or not jnp.issubdtype(dtype, jnp.inexact):
-        return dtype
-    return np.dtype(jnp.promote_types(dtype, accum))
-
-
-def weight_dtype(accum: Any, leaves: list[Any]) -> np.dtype:
-    """Weight sums: float32, or as wide as the accumulators and floating ``leaves``."""
-    dtype = np.dtype(jnp.float32) if accum is None else accum
-    for leaf in leaves:
-        if jnp.issubdtype(leaf.dtype, jnp.inexact):
-            dtype = jnp.promote_types(dtype, jnp.finfo(leaf.dtype).dtype)
-    return np.dtype(jnp.promote_types(dtype, jnp.float32))
-
-
-def _zeros(out: Any, ctx: ReduceContext) -> jax.Array:
-    return jnp.zeros(out.shape, accum_dtype(out.dtype, ctx.accum_dtype))
-
-
-def _cast(acc: jax.Array, ctx: ReduceContext) -> jax.Array:
-    return acc.astype(ctx.out.dtype)
-
-
-def counts(w: jax.Array) -> jax.Array:
-    """Whether a weight counts: unless it is <= 0. A NaN weight counts, so that it shows
-    as a NaN result (as an infinite one does) instead of being left out unseen."""
-    return ~(w <= 0)
-
-
-def _divide(acc: jax.Array, total: Any) -> jax.Array:
-    """``acc / total``, 0 where ``total`` is 0 (nothing ran, or all weights 0)."""
-    if isinstance(total, int) and total > 0:  # a static count: one plain divide
-        return acc / jnp.asarray(total, acc.dtype)
-    total = jnp.asarray(total)
-    wide = jnp.promote_types(acc.dtype, total.dtype)  # a float32 weight sum stays float32
-    safe = jnp.where(counts(total), total, jnp.ones_like(total)).astype(wide)
-    return jnp.where(counts(total), acc.astype(wide) / safe, 0).astype(acc.dtype)
-
-
-def weighted(acc: jax.Array, total: Any, dtype: Any) -> jax.Array:
-    """A weighted sum divided by its weight once, cast back to ``dtype``."""
-    return _divide(acc, total).astype(dtype)
-
-
-def _extreme(dtype: np.dtype, lowest: bool) -> Any:
-    if jnp.issubdtype(dtype, jnp.bool_):
-        return not lowest
-    if jnp.issubdtype(dtype, jnp.integer):
-        info = jnp.iinfo(dtype)
-        return info.max if not lowest else info.min
-    return np.inf if not lowest else -np.inf
-
-
-def _p_extreme(x: jax.Array, axes: tuple[str, ...], largest: bool) -> jax.Array:
-    op = jax.lax.pmax if largest else jax.lax.pmin
-    if jnp.issubdtype(x.dtype, jnp.bool_):
-        return op(x.astype(jnp.int32), axes).astype(jnp.bool_)
-    return op(x, axes)
-
-
-def _p_weighted(x: jax.Array, w: jax.Array | None, axes: tuple[str, ...]) -> jax.Array:
-    """The mean over devices of ``x``, weighted by ``w`` (zero-weight devices left out)."""
-    if w is None:
-        wide = jnp.promote_types(x.dtype, jnp.float32)
-        return jax.lax.pmean(x.astype(wide), axes).astype(x.dtype)
-    w = jnp.where(counts(w), w, 0).astype(jnp.promote_types(x.dtype, jnp.float32))
-    w = w.reshape(w.shape + (1,) * (x.ndim - w.ndim))
-    num = jax.lax.psum(jnp.where(counts(w), x.astype(w.dtype) * w, 0), axes)
-    return _divide(num, jax.lax.psum(w, axes)).astype(x.dtype)
-
-
-def _p_union(x: jax.Array, w: jax.Array | None, axes: tuple[str, ...]) -> jax.Array:
-    """The j-th global micro-batch is every device's j-th one: floating values are
-    averaged over devices (weighted), counts summed, flags or-ed."""
-    if jnp.issubdtype(x.dtype, jnp.inexact):
-        return _p_weighted(x, w, axes)
-    if jnp.issubdtype(x.dtype, jnp.bool_):
-        return _p_extreme(x, axes, largest=True)
-    return jax.lax.psum(x, axes)
-
-
-def _psum(acc: Any, ctx: ReduceContext) -> Any:
-    return jax.lax.psum(acc, ctx.axes)
-
-
-def _need_float(name: str) -> Callable[[Any, str, ReduceContext], None]:
-    def check(out: Any, path: str, ctx: ReduceContext) -> None:
-        if not jnp.issubdtype(out.dtype, jnp.inexact):
-            raise TypeError(
-                f"Reduce.{name} needs a floating output, but leaf {path} has dtype "
-                f"{out.dtype}; use Reduce.SUM for counts or cast the output to float in "
-                "step_fn."
-            )
-        if name == "WEIGHTED_MEAN" and not ctx.weighted:
-            raise ValueError(
-                f"Reduce.WEIGHTED_MEAN at output leaf {path} needs weights; pass weight_fn= "
-                "to jaxaccum.accumulate."
-            )
-
-    return check
-
-
-def _real(name: str) -> Callable[[Any, str, ReduceContext], None]:
-    def check(out: Any, path: str, ctx: ReduceContext) -> None:
-        if jnp.issubdtype(out.dtype, jnp.complexfloating):
-            raise TypeError(f"Reduce.{name} is undefined for complex leaf {path}.")
-
-    return check
-
-
-def _stacked_init(out: Any, ctx: ReduceContext) -> jax.Array:
-    return jnp.zeros((ctx.k, *out.shape), out.dtype)
-
-
-def _stacked_update(acc: jax.Array, x: jax.Array, ctx: ReduceContext) -> jax.Array:
-    return jax.lax.dynamic_update_index_in_dim(acc, x.astype(acc.dtype), ctx.index, 0)
-
-
-def _unsplit(acc: jax.Array, ctx: ReduceContext) -> jax.Array:
-    """Stacked ``(k, n, ...)`` outputs back in the batch's example order ``(k·n, ...)``."""
-    if ctx.split == "strided":
-        acc = jnp.swapaxes(acc, 0, 1)  # rows sharded by type stay major: a free merge
-    elif _parallel.base.explicit_entry(acc, 1) is not None:
-        # Micro-batch-major order interleaves the devices' rows: gather them first.
-        spec = jax.typeof(acc).sharding.spec
-        acc = jax.sharding.reshard(acc, jax.sharding.PartitionSpec(*spec[:1], None, *spec[2:]))
-    return acc.reshape(-1, *acc.shape[2:])
-
-
-def _needs_rows(out: Any, path: str, ctx: ReduceContext) -> None:
-    if len(out.shape) == 0:
-        raise ValueError(
-            f"Reduce.CONCAT needs outputs with a leading example axis, but leaf {path} is a "
-            "scalar per micro-batch; use Reduce.STACK to stack scalars."
-        )
-
-
-def _sum_update(acc: jax.Array, x: jax.Array, ctx: ReduceContext) -> jax.Array:
-    if jnp.issubdtype(acc.dtype, jnp.bool_):
-        return acc | x.astype(jnp.bool_)
-    return acc + x.astype(acc.dtype)
-
-
-def _sum_combine(acc: jax.Array, ctx: ReduceContext) -> jax.Array:
-    if jnp.issubdtype(acc.dtype, jnp.bool_):
-        return _p_extreme(acc, ctx.axes, largest=True)
-    return jax.lax.psum(acc, ctx.axes)
-
-
-def _weigh(x: jax.Array, ctx: ReduceContext, dtype: Any) -> jax.Array:
-    w = ctx.weight
-    wide = jnp.promote_types(dtype, w.dtype)  # a float32 weight is not cast down first
-    value = _parallel.times(x.astype(wide), w.astype(wide)).astype(dtype)
-    return jnp.where(counts(w), value, jnp.zeros_like(value))
-
-
-def _if_any_ran(acc: jax.Array, ctx: ReduceContext) -> jax.Array:
-    """The extreme, or zeros when no micro-batch ran (early stop at 0)."""
-    if isinstance(ctx.count, int) and ctx.count > 0:
-        return acc
-    return jnp.where(jnp.asarray(ctx.count) > 0, acc, jnp.zeros_like(acc))
-
-
-def _concat_combine(acc: jax.Array, ctx: ReduceContext) -> jax.Array:
-    """Every device's ``(k, n, ...)`` rows gathered so that ``_unsplit`` gives the global
-    example order: the batch is sharded in blocks of examples, split per device."""
-    if ctx.split == "contiguous":  # device d's micro-batches are one block: d-major
-        return _parallel.gather(acc, ctx.axes, axis=0, tiled=True)
-    # strided: local row i of micro-batch j is the device's example i*k + j; presplit:
-    # the devices hold column blocks of every micro-batch. Both gather along the rows.
-    return _parallel.gather(acc, ctx.axes, axis=1, tiled=True)
-
-
-def _extreme_builtin(name: str, largest: bool) -> Reduction:
-    op = jnp.maximum if largest else jnp.minimum
-    return Reduction(
-        init=lambda out, ctx: jnp.full(out.shape, _extreme(out.dtype, lowest=largest), out.dtype),
-        update=lambda acc, x, ctx: op(acc, x.astype(acc.dtype)),
-        finalize=_if_any_ran,
-        aggregate=lambda v: (jnp.max if largest else jnp.min)(v, axis=0),
-        combine=lambda acc, ctx: _p_extreme(acc, ctx.axes, largest),
-        check=_real(name),
-        name=name,
-    )
-
-
 BUILTIN: dict[Reduce, Reduction] = {
     Reduce.MEAN: Reduction(
-        init=_zeros,
-        update=lambda acc, x, ctx: acc + x.astype(acc.dtype),
-        finalize=lambda acc, ctx: _cast(_divide(acc, ctx.count), ctx),
+        init=_builtin_reductions.zeros,
+        update=_builtin_reductions.add,
+        finalize=_builtin_reductions.mean,
         aggregate=lambda v: jnp.mean(v, axis=0),
-        combine=_psum,
-        check=_need_float("MEAN"),
+        combine=_builtin_reductions.psum,
+        check=_builtin_reductions.floating("MEAN"),
         name="MEAN",
     ),
     Reduce.WEIGHTED_MEAN: Reduction(
-        init=_zeros,
-        update=lambda acc, x, ctx: acc + _weigh(x, ctx, acc.dtype),
-        finalize=lambda acc, ctx: _cast(_divide(acc, ctx.weight_sum), ctx),
+        init=_builtin_reductions.zeros,
+        update=_builtin_reductions.add_weighted,
+        finalize=_builtin_reductions.weighted_mean,
         aggregate=lambda v: jnp.mean(v, axis=0),
-        combine=_psum,
-        check=_need_float("WEIGHTED_MEAN"),
+        combine=_builtin_reductions.psum,
+        check=_builtin_reductions.floating("WEIGHTED_MEAN"),
         name="WEIGHTED_MEAN",
     ),
     Reduce.SUM: Reduction(
-        init=_zeros,
-        update=_sum_update,
-        finalize=_cast,
+        init=_builtin_reductions.zeros,
+        update=_builtin_reductions.add_or,
+        finalize=_builtin_reductions.cast,
         aggregate=lambda v: jnp.any(v, axis=0) if v.dtype == jnp.bool_ else jnp.sum(v, axis=0),
-        combine=_sum_combine,
+        combine=_builtin_reductions.psum_or,
         name="SUM",
     ),
-    Reduce.MAX: _extreme_builtin("MAX", largest=True),
-    Reduce.MIN: _extreme_builtin("MIN", largest=False),
+    Reduce.MAX: Reduction(
+        init=_builtin_reductions.lowest,
+        update=_builtin_reductions.maximum,
+        finalize=_builtin_reductions.if_any_ran,
+        aggregate=lambda v: jnp.max(v, axis=0),
+        combine=_builtin_reductions.pmax,
+        check=_builtin_reductions.real("MAX"),
+        name="MAX",
+    ),
+    Reduce.MIN: Reduction(
+        init=_builtin_reductions.highest,
+        update=_builtin_reductions.minimum,
+        finalize=_builtin_reductions.if_any_ran,
+        aggregate=lambda v: jnp.min(v, axis=0),
+        combine=_builtin_reductions.pmin,
+        check=_builtin_reductions.real("MIN"),
+        name="MIN",
+    ),
     Reduce.LAST: Reduction(
-        init=lambda out, ctx: jnp.zeros(out.shape, out.dtype),
-        update=lambda acc, x, ctx: x.astype(acc.dtype),
-        finalize=lambda acc, ctx: acc,
-        combine=lambda acc, ctx: _p_union(
-            acc, None if ctx.weights is None else _last_weight(ctx), ctx.axes
-        ),
+        init=_builtin_reductions.like_out,
+        update=_builtin_reductions.replace,
+        finalize=_builtin_reductions.as_is,
+        combine=_builtin_reductions.last_over_devices,
         name="LAST",
     ),
     Reduce.STACK: Reduction(
-        init=_stacked_init,
-        update=_stacked_update,
-        finalize=lambda acc, ctx: acc,
-        combine=lambda acc, ctx: _p_union(acc, ctx.weights, ctx.axes),
+        init=_builtin_reductions.stacked,
+        update=_builtin_reductions.put,
+        finalize=_builtin_reductions.as_is,
+        combine=_builtin_reductions.stack_over_devices,
         name="STACK",
     ),
     Reduce.CONCAT: Reduction(
-        init=_stacked_init,
-        update=_stacked_update,
-        finalize=_unsplit,
+        init=_builtin_reductions.stacked,
+        update=_builtin_reductions.put,
+        finalize=_builtin_reductions.unsplit,
         aggregate=lambda v: v.reshape(-1, *v.shape[2:]),
-        combine=_concat_combine,
-        check=_needs_rows,
+        combine=_builtin_reductions.concat_over_devices,
+        check=_builtin_reductions.has_rows,
         name="CONCAT",
     ),
 }
-
+"""The record of each :class:`Reduce` member, written in the public protocol."""
 
 LINEAR = (Reduce.MEAN, Reduce.WEIGHTED_MEAN, Reduce.SUM)
 """Built-ins that add up their outputs, so that they take ``unreduced`` values as they are."""
 
 PER_STEP = (Reduce.MEAN, Reduce.WEIGHTED_MEAN, Reduce.SUM, Reduce.MAX, Reduce.MIN, Reduce.LAST)
 """Built-ins for which one micro-batch (k = 1) reduces to the step's own output."""
-
-
-def _last_weight(ctx: ReduceContext) -> jax.Array:
-    """The weight of the last micro-batch that ran on this device (0 if none ran)."""
-    count = jnp.asarray(ctx.count)
-    last = ctx.weights[jnp.clip(count - 1, 0, ctx.k - 1)]
-    return jnp.where(count > 0, last, jnp.zeros_like(last))
 
 
 def as_reduction(value: Any, argument: str = "reduce") -> Reduction | None:
@@ -481,19 +302,20 @@ def default_reduce(dtype: np.dtype, weighted: bool) -> Reduction:
     return BUILTIN[Reduce.SUM]
 
 
-def _check_leaf(r: Reduction, leaf: Any, path: str, ctx: ReduceContext) -> None:
-    _checks.reducible(leaf, path)
+def _check_leaf(r: Reduction, info: LeafInfo, path: str) -> None:
+    _checks.reducible(info.out, path)
     if r.check is not None:
-        r.check(leaf, path, ctx._replace(out=leaf))
+        r.check(info, path)
 
 
-def resolve(spec: Any, out_shapes: Any, ctx: ReduceContext) -> Any:
+def resolve(spec: Any, out_shapes: Any, loop: LeafInfo) -> Any:
     """A tree shaped like the outputs holding one checked ``Reduction`` per leaf: the one
-    ``reduce=`` names, or its dtype's default."""
+    ``reduce=`` names, or its dtype's default. ``loop`` is the ``LeafInfo`` of every leaf
+    but for its ``out``, each leaf's own type in ``out_shapes``."""
     named = per_leaf(spec, out_shapes, "reduce", "step_fn's output tree")
-    tree = jax.tree.map(lambda s, r: r or default_reduce(s.dtype, ctx.weighted), out_shapes, named)
+    tree = jax.tree.map(lambda s, r: r or default_reduce(s.dtype, loop.weighted), out_shapes, named)
     is_r = lambda x: isinstance(x, Reduction)  # noqa: E731
     flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_r)
     for (path, r), leaf in zip(flat, jax.tree.leaves(out_shapes), strict=True):
-        _check_leaf(r, leaf, "output" + jax.tree_util.keystr(path), ctx)
+        _check_leaf(r, loop._replace(out=leaf), "output" + jax.tree_util.keystr(path))
     return tree

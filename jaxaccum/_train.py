@@ -108,7 +108,7 @@ def train_step(
       <shared step args>
 
     Returns:
-      A :class:`TrainStep` ``(init, update)``: ``init(params, key=None,
+      A :class:`TrainStep` with ``init`` and ``update``: ``init(params, key=None,
       model_state=None)`` and ``update(state, batch)``.
 
       ``init(params)`` keeps the arrays it is given (no copy, so no extra memory): after
@@ -202,8 +202,12 @@ def train_step(
     with_key = _checks.flag(with_key, "with_key")
     engine = _engine.configure(
         loss_fn,
-        ("loss_fn(params, model_state, batch" if has_state else "loss_fn(params, batch")
-        + (", key)" if with_key else ")"),
+        (
+            "params",
+            *(("model_state",) if has_state else ()),
+            "batch",
+            *(("key",) if with_key else ()),
+        ),
         k,
         weight_fn=weight_fn,
         has_aux=has_aux,
@@ -239,31 +243,48 @@ def train_step(
 
     def update(state: TrainState, batch: Any) -> tuple[TrainState, TrainMetrics]:
         trained, rest = _checks.train_state(state, TrainState, optimizer, with_key, has_state)
-        carry = state.model_state if has_state else {}
-        core = _engine.Core(
-            trained, state.opt_state, state.step, state.skipped, carry, state.loss_scale
-        )
-        core, metrics = _engine.run(
+        done = _engine.run(
             engine,
-            optimizer,
-            core,
+            trained,
             batch,
             forward,
+            step=state.step,
+            carry=state.model_state if has_state else None,
+            loss_scale=state.loss_scale,
             key=state.key if with_key else None,
             consts=rest,
             after=_next_state,
+            model_axes=lambda: _engine.declared_axes(state.params),
         )
-        new_state = state._replace(
-            params=_equinox.merge(core.params, rest),
-            opt_state=core.opt_state,
-            step=core.step,
-            skipped=state.skipped if core.skipped is None else core.skipped,
-            loss_scale=core.loss_scale,
-            model_state=core.carry if has_state else state.model_state,
-        )
-        return new_state, metrics
+        before = (trained, state.opt_state, state.step, state.skipped, state.model_state)
+        params, opt_state, step, skipped, model_state = _optax_update(optimizer, done, before)
+        scale = state.loss_scale
+        if loss_scale is not None and scale is not None:
+            scale = _loss_scale.adjust(loss_scale, scale, done.finite)
+        merged = _equinox.merge(params, rest)
+        new = TrainState(merged, opt_state, step, skipped, state.key, scale, model_state)
+        return new, done.metrics
 
     return TrainStep(init=init, update=update)
+
+
+def _optax_update(
+    optimizer: optax.GradientTransformation, done: _engine.Accumulated, before: tuple[Any, ...]
+) -> tuple[Any, ...]:
+    """``(params, opt_state, step, skipped, model_state)`` after the step: one Optax update
+    and the carried model state if it applies, else only ``skipped`` moves."""
+
+    def apply(s: tuple[Any, ...]) -> tuple[Any, ...]:
+        params, opt_state, step, skipped, model_state = s
+        updates, opt_state = optimizer.update(done.grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        new_model_state = None if model_state is None else done.carry
+        return params, opt_state, step + 1, skipped, new_model_state
+
+    def skip(s: tuple[Any, ...]) -> tuple[Any, ...]:
+        return (*s[:3], s[3] + 1, s[4])
+
+    return jax.lax.cond(done.metrics.applied, apply, skip, before)
 
 
 def _forward(loss_fn: Callable[..., Any], has_state: bool) -> _engine.Forward:

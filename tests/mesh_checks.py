@@ -651,9 +651,9 @@ def _parity_step(params: Any, batch: Any) -> Any:
 
 
 ROOT_SUM_SQUARES = jaxaccum.Reduction(
-    init=lambda out, ctx: jnp.zeros(out.shape, jnp.float32),
-    update=lambda acc, x, ctx: acc + x.astype(jnp.float32) ** 2,
-    finalize=lambda acc, ctx: jnp.sqrt(acc),
+    init=lambda info: jnp.zeros(info.out.shape, jnp.float32),
+    update=lambda acc, x, index, weight: acc + x.astype(jnp.float32) ** 2,
+    finalize=lambda acc, info, count, weight_sum: jnp.sqrt(acc),
     aggregate=lambda v: jnp.sqrt(jnp.sum(v**2, axis=0)),
     name="root_sum_squares",
 )

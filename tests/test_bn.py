@@ -1,4 +1,4 @@
-"""``_bn``: merging BatchNorm statistics of k equal micro-batches exactly.
+"""``jaxaccum.flax._batch_norm``: merging BatchNorm statistics of k equal micro-batches exactly.
 
 The reference is the whole batch: one momentum update of the running mean and (biased)
 variance from the statistics of all N examples, computed with numpy in float64, and, as a
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxaccum import _bn
+from jaxaccum.flax import _batch_norm as _bn
 
 RTOL = ATOL = 1e-5
 RNG = np.random.default_rng(0)
@@ -147,7 +147,8 @@ def test_merge_keeps_other_leaves_or_refuses_them_by_name():
     with pytest.raises(
         ValueError,
         match=r"batch_stats\['stats'\]\['seen'\] is not the running "
-        r"mean or variance .* collections=\{'batch_stats': 'sequential'\}",
+        r"mean or variance .* batch_norm='sequential', or keep other variables out of the "
+        r"'batch_stats' collection",
     ):
         _bn.merge(old, first, second, MOMENTA, keys_of, only_stats="batch_stats")
 

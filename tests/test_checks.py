@@ -19,20 +19,20 @@ from jaxaccum import _checks
 
 
 def test_callable_functions_pass():
-    _checks.check_functions(lambda p, b: 0.0, None, "loss_fn(params, batch)")
-    _checks.check_functions(jnp.mean, lambda mb: 1.0, "loss_fn(params, batch)")
+    _checks.check_functions(lambda p, b: 0.0, None, ("params", "batch"))
+    _checks.check_functions(jnp.mean, lambda mb: 1.0, ("params", "batch"))
 
 
 def test_loss_fn_must_be_callable():
     message = r"loss_fn must be callable as loss_fn\(apply, batch\), got float"
     with pytest.raises(TypeError, match=message):
-        _checks.check_functions(0.5, None, "loss_fn(apply, batch)")
+        _checks.check_functions(0.5, None, ("apply", "batch"))
 
 
 def test_weight_fn_must_be_callable():
     message = r"weight_fn must be callable as weight_fn\(micro_batch\), got str"
     with pytest.raises(TypeError, match=message):
-        _checks.check_functions(jnp.mean, "mask", "loss_fn(params, batch)")
+        _checks.check_functions(jnp.mean, "mask", ("params", "batch"))
 
 
 # --- what loss_fn returns --------------------------------------------------------------------

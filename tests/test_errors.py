@@ -305,8 +305,8 @@ def run_multi(opt, params=W):
 
 
 CONSTANT_INIT = {
-    "update": lambda acc, x, ctx: acc + x,
-    "finalize": lambda acc, ctx: acc,
+    "update": lambda acc, x, index, weight: acc + x,
+    "finalize": lambda acc, info, count, weight_sum: acc,
 }
 
 
@@ -322,11 +322,11 @@ CONSTANT_INIT = {
         ),
         (
             lambda: jaxaccum.Reduction(init=None, **CONSTANT_INIT),
-            r"Reduction\(init=...\) must be callable as init\(out, ctx\), got NoneType",
+            r"Reduction\(init=...\) must be callable as init\(info\), got NoneType",
         ),
         (
             lambda: jaxaccum.Reduction(init=3, **CONSTANT_INIT),
-            r"Reduction\(init=...\) must be callable as init\(out, ctx\), got int",
+            r"Reduction\(init=...\) must be callable as init\(info\), got int",
         ),
         (lambda: optax_compat.MultiSteps(None, 2), r"opt must be an optax\.GradientTransformation"),
         (
@@ -367,7 +367,7 @@ CONSTANT_INIT = {
                 lambda b: b.sum(),
                 2,
                 batch_argnums=0,
-                reduce=jaxaccum.Reduction(init=lambda o, c: "zero", **CONSTANT_INIT),
+                reduce=jaxaccum.Reduction(init=lambda info: "zero", **CONSTANT_INIT),
             )(jnp.ones(4)),
             r"reduce='s Reduction\.init returned a str at output",
         ),
@@ -377,9 +377,9 @@ CONSTANT_INIT = {
                 2,
                 batch_argnums=0,
                 reduce=jaxaccum.Reduction(
-                    init=lambda o, c: jnp.zeros(()),
-                    update=lambda acc, x, c: acc + x,
-                    finalize=lambda acc, c: "done",
+                    init=lambda info: jnp.zeros(()),
+                    update=lambda acc, x, index, weight: acc + x,
+                    finalize=lambda acc, info, count, weight_sum: "done",
                 ),
             )(jnp.ones(4)),
             r"reduce='s Reduction\.finalize returned a str at output",

@@ -250,13 +250,32 @@ def test_collection_changing_shape_names_the_leaf_and_the_fix(batch):
     assert "model.init(key, x[: N // k])" in str(info.value)
 
 
+class NotBatchNorm(nn.Module):
+    """Writes the input mean into ``batch_stats`` without being a BatchNorm."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
+        seen = self.variable("batch_stats", "mean", lambda: jnp.zeros((), jnp.float32))
+        seen.value = x.mean()
+        return nn.Dense(1)(x)[:, 0]
+
+
 def test_exact_mode_rejects_statistics_of_other_modules(batch):
-    state = make_state(Counter())
-    step = jf.train_step(
-        lambda apply, mb: jnp.mean(apply(mb["x"])), K, collections={"stats": "exact"}
-    )
-    with pytest.raises(ValueError, match=r"stats\['mean'\] is not the running mean"):
+    state = make_state(NotBatchNorm())
+    step = jf.train_step(lambda apply, mb: jnp.mean(apply(mb["x"])), K, batch_norm="exact")
+    with pytest.raises(ValueError, match=r"batch_stats\['mean'\] is not the running mean"):
         step(state, batch)
+
+
+def test_contradicting_collection_options_are_refused_when_the_step_is_built():
+    with pytest.raises(ValueError, match=r"collections names 'batch_stats'.*batch_norm="):
+        jf.train_step(loss_fn, K, collections={"batch_stats": "mean"})
+    with pytest.raises(ValueError, match=r"nonfinite='drop'.*'batch_stats'"):
+        jf.train_step(loss_fn, K, batch_norm="exact", nonfinite="drop")
+    with pytest.raises(ValueError, match=r"nonfinite='drop'.*'stats': 'mean'"):
+        jf.train_step(loss_fn, K, collections={"stats": "mean"}, nonfinite="drop")
+    with pytest.raises(ValueError, match=r"collections\['stats'\]='exact'"):
+        jf.train_step(loss_fn, K, collections={"stats": "exact"})  # batch_norm= says exact
 
 
 def test_bad_options():

@@ -152,9 +152,9 @@ def _optax_multisteps(**kw: Any) -> Any:
 
 def _reduction(**kw: Any) -> Any:
     fields = {
-        "init": lambda out, ctx: jnp.zeros(out.shape, jnp.float32),
-        "update": lambda acc, x, ctx: acc + x,
-        "finalize": lambda acc, ctx: acc,
+        "init": lambda info: jnp.zeros(info.out.shape, jnp.float32),
+        "update": lambda acc, x, index, weight: acc + x,
+        "finalize": lambda acc, info, count, weight_sum: acc,
         **kw,
     }
     reduce = jaxaccum.Reduction(**fields)

@@ -18,10 +18,21 @@ COVERED_ELSEWHERE: dict[str, tuple[str, tuple[str, ...]]] = {
         "each is tested with the module that defines it",
         ("test_api.py",),
     ),
+    "loop": (
+        "one call of an accumulated function (trace, scan, reduce, finish): what "
+        "jaxaccum.accumulate returns runs it on every call, so accumulate's tests are its tests",
+        ("test_accumulate.py", "test_reduce.py", "test_split.py"),
+    ),
     "optax_compat": (
         "drop-in replacements for optax.microbatch and optax.MultiSteps, tested by running "
         "Optax's own test suites against them and by parity with Optax",
         ("test_optax_suites.py", "test_parity.py"),
+    ),
+    "optax_multisteps": (
+        "optax_compat's MultiSteps and skip predicates, re-exported there: tested as "
+        "optax_compat.MultiSteps by Optax's own MultiSteps suite and jaxaccum's error and "
+        "input checks",
+        ("test_optax_suites.py", "test_errors.py", "test_input_sweep.py"),
     ),
 }
 

@@ -241,9 +241,9 @@ def test_in_axes_per_argument_and_no_copy_of_the_batch():
 
 def test_user_reduction_protocol_matches_a_python_loop():
     top = jaxaccum.Reduction(  # the largest per-micro-batch loss and the index that had it
-        init=lambda out, ctx: (jnp.full(out.shape, -jnp.inf, out.dtype), jnp.int32(-1)),
-        update=lambda c, x, ctx: jax.lax.cond(x > c[0], lambda: (x, ctx.index), lambda: c),
-        finalize=lambda c, ctx: jnp.stack([c[0], c[1].astype(c[0].dtype)]),
+        init=lambda info: (jnp.full(info.out.shape, -jnp.inf, info.out.dtype), jnp.int32(-1)),
+        update=lambda c, x, index, weight: jax.lax.cond(x > c[0], lambda: (x, index), lambda: c),
+        finalize=lambda c, info, count, weight_sum: jnp.stack([c[0], c[1].astype(c[0].dtype)]),
         aggregate=lambda v: v[jnp.argmax(v[:, 0])],
         name="argmax",
     )
@@ -275,9 +275,9 @@ def test_builtins_are_written_in_the_protocol():
 
 def test_user_reduction_whose_carry_changes_type_is_named():
     drifting = jaxaccum.Reduction(
-        init=lambda out, ctx: jnp.zeros(out.shape, jnp.int32),
-        update=lambda acc, x, ctx: acc + x,  # int32 + float32 -> float32
-        finalize=lambda acc, ctx: acc,
+        init=lambda info: jnp.zeros(info.out.shape, jnp.int32),
+        update=lambda acc, x, index, weight: acc + x,  # int32 + float32 -> float32
+        finalize=lambda acc, info, count, weight_sum: acc,
         name="drifting",
     )
     step = lambda b: {"loss": b.sum()}  # noqa: E731

@@ -1,10 +1,6 @@
-"""``_reduce``: every built-in reduction's init/update/finalize against a numpy loop.
+"""``_reduce``: the ``Reduction`` protocol, naming reductions and resolving ``reduce=``.
 
-The records are driven here by hand, one micro-batch at a time, the way the micro-batch loop
-drives them; references are numpy loops in float64 (float32 round-off: ``RTOL``/``ATOL``
-from ``helpers``). Where the record performs exactly the reference's operations in the
-reference's order (bool or, integer sums, max/min, copies, casts of one float32 quotient)
-results must be equal.
+How each built-in record computes is tested in ``test_builtin_reductions.py``.
 """
 
 from __future__ import annotations
@@ -13,271 +9,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
-from helpers import ATOL, RTOL
 
 import jaxaccum
 from jaxaccum import _reduce
-from jaxaccum._reduce import BUILTIN, Reduce, ReduceContext, Reduction
-
-RNG = np.random.default_rng(0)
-
-
-def context(out: Any, k: int, *, accum=None, split="strided", weighted=False) -> ReduceContext:
-    spec = jax.ShapeDtypeStruct(np.shape(out), jnp.asarray(out).dtype)
-    return ReduceContext(spec, k, accum, split, weighted)
-
-
-def drive(r: Reduction, outs: list[Any], *, k=None, weights=None, accum=None, split="strided"):
-    """``r`` run over ``outs`` (micro-batches 0..m-1 of k) as the loop runs it on one device."""
-    k = len(outs) if k is None else k
-    ctx = context(outs[0], k, accum=accum, split=split, weighted=weights is not None)
-    carry = r.init(ctx.out, ctx)
-    w_sum = None
-    if weights is not None:
-        w_sum = jnp.float32(sum(w for w in weights[: len(outs)] if w > 0))
-    for j, x in enumerate(outs):
-        w = None if weights is None else jnp.float32(weights[j])
-        carry = r.update(carry, jnp.asarray(x), ctx._replace(index=jnp.int32(j), weight=w))
-    return r.finalize(carry, ctx._replace(count=len(outs), weight_sum=w_sum))
-
-
-def floats(k: int, shape=(3, 2), dtype=np.float32) -> list[np.ndarray]:
-    return [RNG.normal(size=shape).astype(dtype) for _ in range(k)]
-
-
-# --- MEAN ---------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("k", [1, 2, 5])
-def test_mean_is_the_numpy_mean_of_the_micro_batches(k):
-    outs = floats(k)
-    got = drive(BUILTIN[Reduce.MEAN], outs)
-    assert got.dtype == jnp.float32 and got.shape == (3, 2)
-    expected = sum(o.astype(np.float64) for o in outs) / k
-    np.testing.assert_allclose(np.asarray(got), expected, rtol=RTOL, atol=ATOL)
-
-
-def test_mean_of_bfloat16_sums_in_accum_dtype_and_casts_once():
-    outs = [np.full((4,), v, jnp.bfloat16) for v in (1.0, 2.0**-9, 2.0**-9, 2.0**-9)]
-    got = drive(BUILTIN[Reduce.MEAN], outs, accum=np.dtype(np.float32))
-    assert got.dtype == jnp.bfloat16
-    total = np.float32(0)
-    for o in outs:  # the same float32 sum in the same order, one divide, one cast
-        total = np.float32(total + o.astype(np.float32))
-    expected = (total / np.float32(4)).astype(jnp.bfloat16)
-    np.testing.assert_array_equal(np.asarray(got), expected)
-    # Negative control: summing in bfloat16 loses the small terms (1 + 2**-9 == 1).
-    naive = drive(BUILTIN[Reduce.MEAN], outs, accum=None)
-    assert not np.array_equal(np.asarray(naive), expected)
-
-
-def test_mean_of_fewer_micro_batches_than_k_divides_by_those_that_ran():
-    outs = floats(2)
-    got = drive(BUILTIN[Reduce.MEAN], outs, k=4)
-    expected = (outs[0].astype(np.float64) + outs[1]) / 2
-    np.testing.assert_allclose(np.asarray(got), expected, rtol=RTOL, atol=ATOL)
-
-
-@pytest.mark.parametrize("count", [0, jnp.int32(0)])
-def test_mean_when_nothing_ran_is_zero(count):
-    r = BUILTIN[Reduce.MEAN]
-    ctx = context(np.ones(3, np.float32), 4)
-    got = r.finalize(r.init(ctx.out, ctx), ctx._replace(count=count))
-    np.testing.assert_array_equal(np.asarray(got), np.zeros(3, np.float32))
-
-
-# --- WEIGHTED_MEAN ------------------------------------------------------------------------
-
-
-def test_weighted_mean_is_the_numpy_weighted_mean():
-    outs, weights = floats(4), [3.0, 1.0, 0.5, 2.0]
-    got = drive(BUILTIN[Reduce.WEIGHTED_MEAN], outs, weights=weights)
-    expected = sum(w * o.astype(np.float64) for w, o in zip(weights, outs, strict=True))
-    np.testing.assert_allclose(np.asarray(got), expected / sum(weights), rtol=RTOL, atol=ATOL)
-
-
-def test_weighted_mean_ignores_zero_weight_micro_batches_even_if_not_finite():
-    outs = floats(3)
-    outs[1] = np.array([[np.nan, np.inf], [-np.inf, 1e30], [0.0, 1.0]], np.float32)
-    weights = [2.0, 0.0, 1.0]
-    got = drive(BUILTIN[Reduce.WEIGHTED_MEAN], outs, weights=weights)
-    expected = (2.0 * outs[0].astype(np.float64) + outs[2]) / 3.0
-    np.testing.assert_allclose(np.asarray(got), expected, rtol=RTOL, atol=ATOL)
-
-
-def test_weighted_mean_with_all_weights_zero_is_zero():
-    outs = floats(3)
-    got = drive(BUILTIN[Reduce.WEIGHTED_MEAN], outs, weights=[0.0, 0.0, 0.0])
-    np.testing.assert_array_equal(np.asarray(got), np.zeros((3, 2), np.float32))
-
-
-def test_weighted_mean_of_float16_keeps_a_float32_weight_and_casts_back_once():
-    # A weight of 1e5 does not fit float16 (max 65504): it must not be cast down first.
-    outs = [np.full((2,), 1.0, np.float16), np.full((2,), 3.0, np.float16)]
-    got = drive(BUILTIN[Reduce.WEIGHTED_MEAN], outs, weights=[1e5, 1e5], accum=np.dtype(np.float32))
-    assert got.dtype == jnp.float16
-    np.testing.assert_array_equal(np.asarray(got), np.full((2,), 2.0, np.float16))
-
-
-# --- SUM, MAX, MIN ------------------------------------------------------------------------
-
-
-def test_sum_of_floats_and_of_integer_counts():
-    outs = floats(3)
-    got = drive(BUILTIN[Reduce.SUM], outs)
-    np.testing.assert_allclose(
-        np.asarray(got), sum(o.astype(np.float64) for o in outs), rtol=RTOL, atol=ATOL
-    )
-    counts = [RNG.integers(0, 100, size=(4,)).astype(np.int32) for _ in range(5)]
-    total = drive(BUILTIN[Reduce.SUM], counts)
-    assert total.dtype == jnp.int32
-    np.testing.assert_array_equal(np.asarray(total), np.sum(counts, axis=0))
-
-
-def test_sum_of_bools_is_logical_or():
-    flags = [np.array([False, True, False, False]), np.array([False, False, True, False])]
-    got = drive(BUILTIN[Reduce.SUM], flags)
-    assert got.dtype == jnp.bool_
-    np.testing.assert_array_equal(np.asarray(got), np.logical_or(*flags))
-    assert not bool(drive(BUILTIN[Reduce.SUM], [np.array(False)] * 3))
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.int32])
-def test_max_and_min_are_elementwise_over_micro_batches(dtype):
-    outs = [(RNG.normal(size=(5,)) * 100).astype(dtype) for _ in range(4)]
-    np.testing.assert_array_equal(
-        np.asarray(drive(BUILTIN[Reduce.MAX], outs)), np.max(outs, axis=0)
-    )
-    np.testing.assert_array_equal(
-        np.asarray(drive(BUILTIN[Reduce.MIN], outs)), np.min(outs, axis=0)
-    )
-
-
-def test_max_of_bools_is_any_and_min_is_all():
-    flags = [np.array([True, True, False]), np.array([True, False, False])]
-    np.testing.assert_array_equal(np.asarray(drive(BUILTIN[Reduce.MAX], flags)), [1, 1, 0])
-    np.testing.assert_array_equal(np.asarray(drive(BUILTIN[Reduce.MIN], flags)), [1, 0, 0])
-
-
-@pytest.mark.parametrize("name", [Reduce.MAX, Reduce.MIN])
-def test_extremes_when_nothing_ran_are_zero(name):
-    r = BUILTIN[name]
-    ctx = context(np.ones(3, np.float32), 4)
-    got = r.finalize(r.init(ctx.out, ctx), ctx._replace(count=jnp.int32(0)))
-    np.testing.assert_array_equal(np.asarray(got), np.zeros(3, np.float32))
-
-
-# --- LAST, STACK, CONCAT ------------------------------------------------------------------
-
-
-def test_last_is_the_last_micro_batch_that_ran():
-    outs = floats(3)
-    np.testing.assert_array_equal(np.asarray(drive(BUILTIN[Reduce.LAST], outs)), outs[-1])
-    early = drive(BUILTIN[Reduce.LAST], outs[:2], k=3)
-    np.testing.assert_array_equal(np.asarray(early), outs[1])
-
-
-def test_stack_keeps_micro_batch_order_with_zero_rows_for_those_that_did_not_run():
-    outs = floats(3)
-    got = drive(BUILTIN[Reduce.STACK], outs)
-    np.testing.assert_array_equal(np.asarray(got), np.stack(outs))
-    early = drive(BUILTIN[Reduce.STACK], outs[:2], k=3)
-    np.testing.assert_array_equal(np.asarray(early), np.stack([*outs[:2], 0 * outs[2]]))
-
-
-@pytest.mark.parametrize(
-    ("split", "micro"),
-    [
-        ("strided", lambda x, j, k: x[j::k]),
-        ("contiguous", lambda x, j, k: x[j * len(x) // k : (j + 1) * len(x) // k]),
-        ("presplit", lambda x, j, k: x[j * len(x) // k : (j + 1) * len(x) // k]),
-    ],
-)
-@pytest.mark.parametrize("k", [1, 2, 3, 6])
-def test_concat_restores_the_batchs_example_order(split, micro, k):
-    """Per-example outputs of each micro-batch (cut by numpy indexing) come back as the
-    whole batch's per-example outputs, row for row."""
-    batch = np.arange(12 * 2, dtype=np.float32).reshape(12, 2)
-    per_example = lambda x: 10 * x + 1  # noqa: E731
-    outs = [per_example(micro(batch, j, k)) for j in range(k)]
-    got = drive(BUILTIN[Reduce.CONCAT], outs, split=split)
-    np.testing.assert_array_equal(np.asarray(got), per_example(batch))
-
-
-# --- aggregate over devices ---------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("name", "reference"),
-    [
-        (Reduce.MEAN, lambda v: v.mean(0)),
-        (Reduce.WEIGHTED_MEAN, lambda v: v.mean(0)),
-        (Reduce.SUM, lambda v: v.sum(0)),
-        (Reduce.MAX, lambda v: v.max(0)),
-        (Reduce.MIN, lambda v: v.min(0)),
-        (Reduce.CONCAT, lambda v: v.reshape(-1, *v.shape[2:])),
-    ],
-)
-def test_aggregate_reduces_per_device_results_stacked_on_a_leading_axis(name, reference):
-    stacked = RNG.normal(size=(4, 3, 2)).astype(np.float32)
-    got = BUILTIN[name].aggregate(jnp.asarray(stacked))
-    np.testing.assert_allclose(np.asarray(got), reference(stacked), rtol=RTOL, atol=ATOL)
-
-
-def test_aggregate_of_bool_sums_is_any():
-    stacked = np.array([[False, True], [False, False], [False, True]])
-    got = BUILTIN[Reduce.SUM].aggregate(jnp.asarray(stacked))
-    np.testing.assert_array_equal(np.asarray(got), [False, True])
-
-
-def test_weighted_divides_once_and_is_zero_without_weight():
-    acc = jnp.asarray([3.0, -6.0], jnp.float32)
-    np.testing.assert_array_equal(
-        np.asarray(_reduce.weighted(acc, jnp.float32(3), jnp.bfloat16)),
-        np.asarray([1.0, -2.0], jnp.bfloat16),
-    )
-    assert _reduce.weighted(acc, jnp.float32(3), jnp.bfloat16).dtype == jnp.bfloat16
-    np.testing.assert_array_equal(np.asarray(_reduce.weighted(acc, 0.0, jnp.float32)), [0, 0])
-
-
-# --- dtypes -------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("dtype", "accum", "expected"),
-    [
-        (jnp.bfloat16, None, jnp.bfloat16),
-        (jnp.bfloat16, jnp.float32, jnp.float32),
-        (jnp.float16, jnp.float32, jnp.float32),
-        (jnp.float32, jnp.bfloat16, jnp.float32),  # never narrower than the leaf
-        (jnp.int32, jnp.float32, jnp.int32),  # counts keep their integer type
-        (jnp.bool_, jnp.float32, jnp.bool_),
-    ],
-)
-def test_accum_dtype_widens_floating_leaves_only(dtype, accum, expected):
-    assert _reduce.accum_dtype(dtype, accum) == np.dtype(expected)
-
-
-@pytest.mark.parametrize(
-    ("accum", "leaf_dtypes", "expected"),
-    [
-        (None, [], jnp.float32),
-        (None, [jnp.int32, jnp.bool_], jnp.float32),
-        (None, [jnp.bfloat16, jnp.float16], jnp.float32),  # never below float32
-        (jnp.bfloat16, [jnp.bfloat16], jnp.float32),
-        (None, [jnp.complex64], jnp.float32),  # a complex leaf: its real part's width
-        (None, [jnp.float32, jnp.float64], jnp.float64),  # as wide as the widest leaf
-        (None, [jnp.complex128], jnp.float64),
-        (jnp.float64, [jnp.float32], jnp.float64),  # as wide as the accumulators
-    ],
-)
-def test_weight_dtype_rules(accum, leaf_dtypes, expected):
-    leaves = [jax.ShapeDtypeStruct((2,), d) for d in leaf_dtypes]
-    accum = None if accum is None else np.dtype(accum)
-    assert _reduce.weight_dtype(accum, leaves) == np.dtype(expected)
-
+from jaxaccum._reduce import BUILTIN, LeafInfo, Reduce, Reduction
 
 # --- naming reductions --------------------------------------------------------------------
 
@@ -290,7 +26,7 @@ def test_as_reduction_takes_members_and_their_strings(member):
 
 
 def test_as_reduction_passes_none_and_custom_reductions_through():
-    custom = Reduction(lambda o, c: 0, lambda a, x, c: a, lambda a, c: a, name="mine")
+    custom = Reduction(lambda i: 0, lambda a, x, j, w: a, lambda a, i, n, s: a, name="mine")
     assert _reduce.as_reduction(None) is None
     assert _reduce.as_reduction(custom) is custom
     assert repr(custom) == "Reduction(mine)"
@@ -314,6 +50,52 @@ def test_spec_members_validates_every_leaf_of_a_nested_spec():
         _reduce.spec_members({"a": "sum", "b": ["avg"]})
 
 
+# --- the protocol ---------------------------------------------------------------------------
+
+
+def test_the_loop_gives_each_phase_what_it_needs():
+    """``init(info)``, ``update(carry, value, index, weight)``, ``finalize(carry, info,
+    count, weight_sum)``: a record that writes down what it is given."""
+    infos = []
+
+    def init(info: LeafInfo) -> jax.Array:
+        infos.append(info)
+        return jnp.zeros((info.k, 3), jnp.float32)
+
+    def update(carry: jax.Array, value: jax.Array, index: jax.Array, weight: jax.Array) -> Any:
+        return carry.at[index].set(jnp.stack([index.astype(jnp.float32), value, weight]))
+
+    def finalize(carry: jax.Array, info: LeafInfo, count: Any, weight_sum: Any) -> jax.Array:
+        return jnp.concatenate([carry.ravel(), jnp.stack([jnp.float32(count), weight_sum])])
+
+    recorder = Reduction(init, update, finalize, name="recorder")
+    f = jaxaccum.accumulate(
+        lambda b: b.sum(), 3, batch_argnums=0, weight_fn=lambda b: b.sum() / 2, reduce=recorder
+    )
+    got = f(jnp.arange(6.0))  # strided: micro-batch j holds rows j and j + 3
+    sums = [3.0, 5.0, 7.0]
+    rows = [[j, s, s / 2] for j, s in enumerate(sums)]
+    assert got.tolist() == [*(x for row in rows for x in row), 3.0, sum(sums) / 2]
+    (info,) = {(i.out.shape, i.out.dtype, i.k, i.split, i.weighted) for i in infos}
+    assert info == ((), jnp.float32, 3, "strided", True)
+
+
+@pytest.mark.parametrize(
+    ("field", "old", "call"),
+    [
+        ("init", lambda out, ctx: 0, r"init\(info\)"),
+        ("update", lambda acc, x, ctx: acc, r"update\(carry, value, index, weight\)"),
+        ("finalize", lambda acc, ctx: acc, r"finalize\(carry, info, count, weight_sum\)"),
+        ("combine", lambda acc, ctx: acc, r"combine\(carry, info, axes, count, weights\)"),
+        ("check", lambda out, path, ctx: None, r"check\(info, path\)"),
+    ],
+)
+def test_a_function_with_another_signature_is_refused_naming_its_call(field, old, call):
+    fields = {"init": lambda i: 0, "update": lambda a, x, j, w: a, "finalize": lambda a, *_: a}
+    with pytest.raises(TypeError, match=rf"Reduction\({field}=...\) is called as {call}"):
+        Reduction(**{**fields, field: old})
+
+
 # --- resolve ------------------------------------------------------------------------------
 
 
@@ -323,13 +105,13 @@ def shapes(**leaves: Any) -> dict[str, jax.ShapeDtypeStruct]:
 
 def test_resolve_defaults_follow_the_leaf_dtype():
     out = shapes(loss=((), jnp.float32), n=((), jnp.int32), bad=((), jnp.bool_))
-    plain = _reduce.resolve(None, out, ReduceContext(None, 2, None, "strided", False))
+    plain = _reduce.resolve(None, out, LeafInfo(None, 2, None, "strided", False))
     assert plain == {
         "loss": BUILTIN[Reduce.MEAN],
         "n": BUILTIN[Reduce.SUM],
         "bad": BUILTIN[Reduce.MAX],
     }
-    weighted = _reduce.resolve(None, out, ReduceContext(None, 2, None, "strided", True))
+    weighted = _reduce.resolve(None, out, LeafInfo(None, 2, None, "strided", True))
     assert weighted["loss"] is BUILTIN[Reduce.WEIGHTED_MEAN]
 
 
@@ -339,7 +121,7 @@ def test_resolve_spreads_a_prefix_spec_over_its_subtree():
         "n": jax.ShapeDtypeStruct((), jnp.int32),
     }
     tree = _reduce.resolve(
-        {"grads": "sum", "n": None}, out, ReduceContext(None, 2, None, "strided", False)
+        {"grads": "sum", "n": None}, out, LeafInfo(None, 2, None, "strided", False)
     )
     assert tree == {
         "grads": {"w": BUILTIN[Reduce.SUM], "b": BUILTIN[Reduce.SUM]},
@@ -347,7 +129,7 @@ def test_resolve_spreads_a_prefix_spec_over_its_subtree():
     }
 
 
-CTX = ReduceContext(None, 2, None, "strided", False)
+LOOP = LeafInfo(None, 2, None, "strided", False)
 
 
 @pytest.mark.parametrize(
@@ -393,30 +175,30 @@ CTX = ReduceContext(None, 2, None, "strided", False)
 def test_resolve_errors_name_the_leaf_path(spec, leaf, error, message):
     out = {"x": {"y": jax.ShapeDtypeStruct(*leaf)}}
     with pytest.raises(error, match=message):
-        _reduce.resolve(spec, out, CTX)
+        _reduce.resolve(spec, out, LOOP)
 
 
 def test_resolve_refuses_prng_key_outputs():
     out = {"key": jax.eval_shape(lambda: jax.random.key(0))}
     with pytest.raises(TypeError, match=r"output leaf output\['key'\] has dtype key<fry>"):
-        _reduce.resolve(None, out, CTX)
+        _reduce.resolve(None, out, LOOP)
 
 
 def test_resolve_refuses_a_spec_that_is_no_prefix_of_the_outputs():
     out = shapes(a=((), jnp.float32), b=((), jnp.float32))
     with pytest.raises(ValueError, match=r"reduce= must be a prefix of step_fn's output tree"):
-        _reduce.resolve({"a": "sum", "c": "sum"}, out, CTX)
+        _reduce.resolve({"a": "sum", "c": "sum"}, out, LOOP)
 
 
 def test_resolve_runs_a_custom_check_with_the_leaf_path_and_its_type():
     seen = []
 
-    def check(out: Any, path: str, ctx: ReduceContext) -> None:
-        seen.append((path, out.shape, ctx.out.shape, ctx.k))
+    def check(info: LeafInfo, path: str) -> None:
+        seen.append((path, info.out.shape, info.k))
 
-    custom = Reduction(lambda o, c: 0, lambda a, x, c: a, lambda a, c: a, check=check)
-    _reduce.resolve({"a": [custom]}, {"a": [jax.ShapeDtypeStruct((3,), jnp.float32)]}, CTX)
-    assert seen == [("output['a'][0]", (3,), (3,), 2)]
+    custom = Reduction(lambda i: 0, lambda a, x, j, w: a, lambda a, i, n, s: a, check=check)
+    _reduce.resolve({"a": [custom]}, {"a": [jax.ShapeDtypeStruct((3,), jnp.float32)]}, LOOP)
+    assert seen == [("output['a'][0]", (3,), 2)]
 
 
 def test_reduce_members_equal_their_strings():

@@ -217,12 +217,4 @@ def print_table(rows: Sequence[Row]) -> None:
 
 def plot(rows: Sequence[Row], path: pathlib.Path) -> None:
     """Training loss per batch and test accuracy, one line per run, saved to ``path``."""
-    fig, left, right = report.two_panels()
-    for r in rows:
-        left.plot(np.arange(1, len(r["losses"]) + 1), r["losses"], label=r["name"], lw=1.1)
-        right.plot(r["eval_steps"], r["test_accs"], label=r["name"], lw=1.1)
-    left.set(xlabel="batches of N seen", ylabel="training loss", yscale="log", title="loss")
-    right.set(xlabel="batches of N seen", ylabel="test accuracy (eval mode)", title="accuracy")
-    left.legend()
-    right.legend(loc="lower right")
-    report.save(fig, path)
+    report.loss_and_accuracy(rows, path, "test accuracy (eval mode)")

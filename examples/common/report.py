@@ -42,6 +42,25 @@ def two_panels() -> tuple[Figure, Axes, Axes]:
     return fig, left, right
 
 
+def loss_and_accuracy(
+    rows: Sequence[Any], path: pathlib.Path, accuracy: str, styles: Sequence[Any] = ()
+) -> None:
+    """Training loss per batch (left, log scale) and test accuracy (right), one line per
+    run (``row["losses"]``, ``row["eval_steps"]``, ``row["test_accs"]``), saved to ``path``;
+    ``styles`` gives each run its line style where the runs overlap."""
+    fig, left, right = two_panels()
+    for i, r in enumerate(rows):
+        style = {"ls": styles[i]} if styles else {}
+        steps = list(range(1, len(r["losses"]) + 1))
+        left.plot(steps, r["losses"], label=r["name"], lw=1.2, **style)
+        right.plot(r["eval_steps"], r["test_accs"], label=r["name"], lw=1.2, **style)
+    left.set(xlabel="batches of N seen", ylabel="training loss", yscale="log", title="loss")
+    right.set(xlabel="batches of N seen", ylabel=accuracy, title="accuracy")
+    left.legend()
+    right.legend(loc="lower right")
+    save(fig, path)
+
+
 def save(fig: Figure, path: pathlib.Path) -> None:
     """Lays ``fig`` out, writes it to ``path`` (creating its folder) and says where."""
     fig.tight_layout()

@@ -258,14 +258,5 @@ def print_table(rows: Sequence[Row]) -> None:
 
 def plot(rows: Sequence[Row], path: pathlib.Path) -> None:
     """Training loss per batch and test accuracy, one line per run, saved to ``path``."""
-    fig, left, right = report.two_panels()
     styles = ("-", (0, (1, 3)), "--", ":", "-.")  # the runs overlap: each dashed its own way
-    for r, style in zip(rows, styles, strict=True):
-        steps = np.arange(1, len(r["losses"]) + 1)
-        left.plot(steps, r["losses"], label=r["name"], ls=style, lw=1.2)
-        right.plot(r["eval_steps"], r["test_accs"], label=r["name"], ls=style, lw=1.2)
-    left.set(xlabel="batches of N seen", ylabel="training loss", yscale="log", title="loss")
-    right.set(xlabel="batches of N seen", ylabel="test accuracy", title="accuracy")
-    left.legend()
-    right.legend(loc="lower right")
-    report.save(fig, path)
+    report.loss_and_accuracy(rows, path, "test accuracy", styles)

@@ -51,18 +51,22 @@ def function(
         ) from None
 
 
-def check_functions(loss_fn: Any, weight_fn: Any, loss_call: str) -> None:
+def check_functions(
+    loss_fn: Any, weight_fn: Any, args: Sequence[str], keywords: Sequence[str] = ()
+) -> None:
     """Raises at construction unless ``loss_fn`` and ``weight_fn`` take the calls they get.
 
     Args:
       loss_fn: the loss function given to the train step.
       weight_fn: the weight function given to the train step, or None.
-      loss_call: how the step calls ``loss_fn``, e.g. ``"loss_fn(params, batch)"``.
+      args: the names of the positional arguments the step calls ``loss_fn`` with, e.g.
+        ``("params", "batch")``.
+      keywords: the arguments it passes by keyword, e.g. ``("params",)``.
     """
-    args = loss_call[loss_call.index("(") + 1 : -1].split(", ")
-    keywords = tuple(a.split("=")[0] for a in args if "=" in a)
+    shown = ", ".join([*args, *(f"{name}={name}" for name in keywords)])
     fix = "pass the function itself (not its result) as the first argument."
-    function(loss_fn, "loss_fn", loss_call, len(args) - len(keywords), keywords, fix=fix)
+    call = f"loss_fn({shown})"
+    function(loss_fn, "loss_fn", call, len(args), tuple(keywords), fix=fix)
     if weight_fn is not None:
         function(weight_fn, "weight_fn", "weight_fn(micro_batch)", 1, fix=WEIGHT_FN_FIX)
 

@@ -308,16 +308,18 @@ def carried_state(before: dict[str, Any], after: dict[str, Any]) -> None:
         )
 
 
-def reduction_carry(r: Any, ctx: Any, path: str, carry: Any) -> None:
+def reduction_carry(r: Any, info: Any, path: str, carry: Any) -> None:
     """Raises unless a user-defined reduction's ``update`` keeps its carry's type.
 
-    ``r`` is the ``Reduction``, ``ctx`` its ``ReduceContext`` (``ctx.out``: the type of the
+    ``r`` is the ``Reduction``, ``info`` its ``LeafInfo`` (``info.out``: the type of the
     output leaf at ``path``), ``carry`` what its ``init`` made.
     """
-    step = ctx._replace(index=jnp.int32(0), weight=jnp.float32(1))
+    weight = jnp.float32(1) if info.weighted else None
     who = "reduce='s Reduction.update"
     after = jax.eval_shape(
-        lambda c, x: returned_arrays(r.update(c, x, step), who, path), carry, ctx.out
+        lambda c, x: returned_arrays(r.update(c, x, jnp.int32(0), weight), who, path),
+        carry,
+        info.out,
     )
     before = jax.eval_shape(lambda c: c, carry)
     types = lambda t: jax.tree.map(lambda v: (v.shape, v.dtype), t)  # noqa: E731

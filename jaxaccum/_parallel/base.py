@@ -97,12 +97,10 @@ class Placement:
 
 
 def finalize(leaf: Any, acc: Any, totals: Totals) -> Any:
-    """A leaf's result from its accumulator (``leaf.r`` its reduction, ``leaf.ctx`` its
-    context)."""
-    ctx = leaf.ctx._replace(count=totals.count, weight_sum=totals.weight_sum)
-    return _checks.returned_arrays(
-        leaf.r.finalize(acc, ctx), "reduce='s Reduction.finalize", leaf.path
-    )
+    """A leaf's result from its accumulator (``leaf.r`` its reduction, ``leaf.info`` what
+    the reduction is told about the leaf)."""
+    result = leaf.r.finalize(acc, leaf.info, totals.count, totals.weight_sum)
+    return _checks.returned_arrays(result, "reduce='s Reduction.finalize", leaf.path)
 
 
 def names(entry: Any) -> set[str]:

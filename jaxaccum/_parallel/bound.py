@@ -84,8 +84,8 @@ class Bound(base.Placement):
         for leaf, acc in zip(leaves, accs, strict=True):
             r = leaf.r
             if r.combine is not None:
-                here = leaf.ctx._replace(weights=totals.weights, axes=self.axes, count=totals.count)
-                outs.append(base.finalize(leaf, r.combine(acc, here), overall))
+                combined = r.combine(acc, leaf.info, self.axes, totals.count, totals.weights)
+                outs.append(base.finalize(leaf, combined, overall))
             else:
                 outs.append(self._aggregate(leaf, base.finalize(leaf, acc, totals)))
         return outs, _mean_floats(totals.state, self.axes)

@@ -1,6 +1,6 @@
 """Flax NNX: a train step over an ``nnx.Module`` and its ``nnx.Optimizer``.
 
-Reached as ``jaxaccum.flax.nnx_train_step``; the linen pieces live in ``jaxaccum.flax``.
+Reached as ``jaxaccum.flax.nnx_train_step``; the linen step is in ``_linen``.
 """
 
 from __future__ import annotations
@@ -11,15 +11,17 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 
-from jaxaccum import _bn, _checks, _docs, _engine, _loss_scale
-from jaxaccum._bn import BatchNormMode
+from jaxaccum import _checks, _docs, _engine, _loss_scale
 from jaxaccum._engine import NonFinite, TrainMetrics, TrainStep
 from jaxaccum._loss_scale import DynamicLossScale, LossScaleState
 from jaxaccum._parallel import FSDP, DataAxis
 from jaxaccum._reduce import Reduce
 from jaxaccum._split import Split
+from jaxaccum.flax import _batch_norm as _bn
+from jaxaccum.flax._batch_norm import BatchNormMode
 
 __all__ = ["BatchNormMode", "nnx_train_step"]
 
@@ -144,7 +146,7 @@ def nnx_train_step(
       <shared step args>
 
     Returns:
-      A :class:`jaxaccum.TrainStep` ``(init, update)``, callable as ``update``.
+      A :class:`jaxaccum.TrainStep` with ``init`` and ``update``, callable as ``update``.
 
       ``init(model, tx, wrt=nnx.Param)`` builds the ``nnx.Optimizer`` of ``model`` with a
       ``skipped`` counter (an ``nnx.OptState``), and with ``loss_scale`` the scale's state
@@ -228,7 +230,7 @@ def nnx_train_step(
     """
     engine = _engine.configure(
         loss_fn,
-        "loss_fn(model, micro_batch)",
+        ("model", "micro_batch"),
         k,
         weight_fn=weight_fn,
         has_aux=has_aux,
@@ -344,30 +346,54 @@ def _update(
 
     skipped = getattr(optimizer, "skipped", None)
     scale = _held_scale(optimizer, engine)
-    core = _engine.Core(
-        params,
-        nnx.as_pure(optimizer.opt_state),
-        optimizer.step[...],
-        skipped[...] if isinstance(skipped, nnx.Variable) else None,
-        rest,
-        None if scale is None else scale.get_value(),
-    )
-    core, metrics = _engine.run(
+    done = _engine.run(
         engine,
-        optimizer.tx,
-        core,
+        params,
         batch,
         forward,
+        step=optimizer.step[...],
+        carry=rest,
+        loss_scale=None if scale is None else scale.get_value(),
         key=key,
         after=after,
         reduce=Reduce.MEAN,
         finish=finish,
+        model_axes=lambda: _axis_names(model),
     )
-    nnx.update(model, core.params, core.carry)
-    nnx.update(optimizer.opt_state, nnx.state(core.opt_state))
-    optimizer.step[...] = core.step
-    if isinstance(skipped, nnx.Variable) and core.skipped is not None:
-        skipped[...] = core.skipped
-    if scale is not None:
-        scale.set_value(core.loss_scale)
-    return metrics
+
+    count = skipped[...] if isinstance(skipped, nnx.Variable) else None
+    before = (params, nnx.as_pure(optimizer.opt_state), rest, optimizer.step[...], count)
+    params, opt_state, rest, step, count = _optax_update(optimizer.tx, done, before)
+    nnx.update(model, params, rest)
+    nnx.update(optimizer.opt_state, nnx.state(opt_state))
+    optimizer.step[...] = step
+    if isinstance(skipped, nnx.Variable):
+        skipped[...] = count
+    if scale is not None and engine.loss_scale is not None:
+        scale.set_value(_loss_scale.adjust(engine.loss_scale, scale.get_value(), done.finite))
+    return done.metrics
+
+
+def _optax_update(tx: Any, done: _engine.Accumulated, before: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``(params, opt_state, rest, step, skipped)`` after the step: the optimizer's update
+    and the carried state if it applies (as ``nnx.Optimizer.update`` would apply it), else
+    only ``skipped`` moves (None: the optimizer keeps no count)."""
+
+    def apply(s: tuple[Any, ...]) -> tuple[Any, ...]:
+        params, opt_state, _, step, count = s
+        updates, opt_state = tx.update(done.grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, done.carry, step + 1, count
+
+    def skip(s: tuple[Any, ...]) -> tuple[Any, ...]:
+        return (*s[:4], None if s[4] is None else s[4] + 1)
+
+    return jax.lax.cond(done.metrics.applied, apply, skip, before)
+
+
+def _axis_names(model: nnx.Module) -> list[str]:
+    """The axis names the model's layers reduce over (``nnx.BatchNorm(axis_name=...)``)."""
+    names: list[str] = []
+    for _, module in nnx.iter_modules(model):
+        name = getattr(module, "axis_name", None)
+        names.extend([name] if isinstance(name, str) else name if isinstance(name, tuple) else [])
+    return names

@@ -107,8 +107,8 @@ def merge(
             raise ValueError(
                 f"{only_stats}{jax.tree_util.keystr(path)} is not the running mean or variance "
                 "of a flax.linen.BatchNorm, so it cannot be merged exactly; choose "
-                "batch_norm='sequential' or give it another mode, e.g. "
-                f"collections={{{only_stats!r}: 'sequential'}}."
+                "batch_norm='sequential', or keep other variables out of the "
+                f"{only_stats!r} collection."
             )
         module, name = keys[:-1], keys[-1]
         mean = (*module, "mean")
