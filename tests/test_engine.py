@@ -7,6 +7,7 @@ Tolerances: keys and draws are compared exactly; float32 means at rtol 1e-6.
 
 from __future__ import annotations
 
+import equinox as eqx
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,7 @@ from flax import nnx
 
 import jaxaccum
 import jaxaccum.flax as jf
+from jaxaccum import _engine
 
 N = 8
 BATCH = {"x": jnp.arange(N * 2, dtype=jnp.float32).reshape(N, 2), "y": jnp.ones(N)}
@@ -195,3 +197,15 @@ def test_linen_step_runs_the_states_own_apply_gradients():
     step = jf.train_step(lambda apply, b: jnp.mean(apply(b["x"]) ** 2), 2)
     state, metrics = jax.jit(step)(state, BATCH)
     assert bool(metrics.applied) and int(state.updates) == 1 and int(state.step) == 1
+
+
+def test_declared_axes_are_read_from_the_modules_in_a_pytree():
+    """The axis names a model's layers declare (an Equinox ``BatchNorm(axis_name=...)``),
+    found in the params pytree without calling anything."""
+    model = [
+        eqx.nn.BatchNorm(3, axis_name="batch", mode="batch"),
+        {"w": jnp.zeros(2)},
+        eqx.nn.BatchNorm(3, axis_name=("data", "model"), mode="batch"),
+    ]
+    assert _engine.declared_axes(model) == ["batch", "data", "model"]
+    assert _engine.declared_axes({"w": jnp.zeros(2)}) == []

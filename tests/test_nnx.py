@@ -301,3 +301,16 @@ def test_loss_scale_input_is_checked_by_name(batch):
     assert bool(scaled(model, optimizer, batch).applied)
     with pytest.raises(ValueError, match=r"step was built without loss_scale="):
         jf.nnx_train_step(half_loss, K)(model, optimizer, batch)
+
+
+def test_batchnorm_with_an_axis_name_runs_on_one_device(batch):
+    """``nnx.BatchNorm(axis_name="batch")``, written for ``pmap``, called on one device: the
+    step binds the axis its layer declares with size 1, and the result is bitwise the one of
+    the same model without an axis name (a mean over one device is the value itself)."""
+    results = []
+    for axis_name in ("batch", None):
+        model, optimizer = make()
+        model.norm.axis_name = axis_name
+        metrics = jf.nnx_train_step(loss_fn, K).update(model, optimizer, batch)
+        results.append((metrics.loss, pure(model)))
+    assert trees_equal(*results)
