@@ -156,7 +156,8 @@ def run_page(path: pathlib.Path, cwd: pathlib.Path) -> subprocess.CompletedProce
     env = dict(os.environ)
     count = devices(text)
     if count is not None:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={count}"
+        flags = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={count}"
+        env["XLA_FLAGS"] = flags.strip()
         env["JAX_PLATFORMS"] = "cpu"
     return subprocess.run(
         [sys.executable, "-c", DRIVER],
