@@ -30,6 +30,7 @@ import pytest
 from helpers import EightDeviceRun
 
 EIGHT_DEVICES = pytest.StashKey[EightDeviceRun]()
+NICE = 5  # the test processes' niceness once the 8-device run has started
 RUNNER = "test_eight_devices.py::"
 
 
@@ -45,9 +46,13 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         folder = pathlib.Path(tempfile.gettempdir()) / f"jaxaccum-8dev-{worker['testrunuid']}"
         run = EightDeviceRun(folder, start=worker["workerid"] == "gw0")
     session.config.stash[EIGHT_DEVICES] = run
+    # The 8-device run is the longest single chain of the suite and its report comes last:
+    # once it has started, this process and what it starts from now on (pages, examples,
+    # benchmarks, the release venv) yield the cores to it first, and fill the rest.
+    os.nice(NICE)
 
 
-# The files that take longest on 2 cores (seconds of one core, measured), longest first.
+# The files that took longest in a measured run on 2 cores, longest first.
 # pytest-xdist hands whole files to its workers in collection order (``--dist loadfile``),
 # so starting these first keeps a long file from being the last one left running while the
 # other worker idles. The 8-device report goes last: its items wait for the background run,
