@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from jaxaccum import _accumulate, _checks, _loss_scale, _micro, _parallel, _reduce
 from jaxaccum._loss_scale import DynamicLossScale
@@ -207,6 +208,27 @@ def run(
         out, new_carry = _with_model_axes(accumulated, args, model_axes, bound)
     grads, finite, metrics = _micro.finish_step(out, scale, params, engine)
     return Accumulated(grads, finish(out["extra"], new_carry), finite, metrics)
+
+
+def optax_update(
+    tx: Any, done: Accumulated, before: tuple[Any, Any, Any, Any, Any]
+) -> tuple[Any, ...]:
+    """``(params, opt_state, step, skipped, carry)`` after a step of the Optax and NNX
+    front-ends: if ``done.metrics.applied``, one ``tx.update`` and ``optax.apply_updates``,
+    the step counted and the carried state taken from ``done`` (a ``carry`` of None stays
+    None); otherwise everything kept and ``skipped`` incremented (None: no count kept)."""
+
+    def apply(s: tuple[Any, ...]) -> tuple[Any, ...]:
+        params, opt_state, step, skipped, carry = s
+        updates, opt_state = tx.update(done.grads, opt_state, params)
+        new_carry = None if carry is None else done.carry
+        return optax.apply_updates(params, updates), opt_state, step + 1, skipped, new_carry
+
+    def skip(s: tuple[Any, ...]) -> tuple[Any, ...]:
+        params, opt_state, step, skipped, carry = s
+        return params, opt_state, step, None if skipped is None else skipped + 1, carry
+
+    return jax.lax.cond(done.metrics.applied, apply, skip, before)
 
 
 def _micro_step(engine: Engine, forward: Forward, after: After) -> Callable[..., Any]:

@@ -257,7 +257,9 @@ def train_step(
             model_axes=lambda: _engine.declared_axes(state.params),
         )
         before = (trained, state.opt_state, state.step, state.skipped, state.model_state)
-        params, opt_state, step, skipped, model_state = _optax_update(optimizer, done, before)
+        params, opt_state, step, skipped, model_state = _engine.optax_update(
+            optimizer, done, before
+        )
         scale = state.loss_scale
         if loss_scale is not None and scale is not None:
             scale = _loss_scale.adjust(loss_scale, scale, done.finite)
@@ -266,25 +268,6 @@ def train_step(
         return new, done.metrics
 
     return TrainStep(init=init, update=update)
-
-
-def _optax_update(
-    optimizer: optax.GradientTransformation, done: _engine.Accumulated, before: tuple[Any, ...]
-) -> tuple[Any, ...]:
-    """``(params, opt_state, step, skipped, model_state)`` after the step: one Optax update
-    and the carried model state if it applies, else only ``skipped`` moves."""
-
-    def apply(s: tuple[Any, ...]) -> tuple[Any, ...]:
-        params, opt_state, step, skipped, model_state = s
-        updates, opt_state = optimizer.update(done.grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        new_model_state = None if model_state is None else done.carry
-        return params, opt_state, step + 1, skipped, new_model_state
-
-    def skip(s: tuple[Any, ...]) -> tuple[Any, ...]:
-        return (*s[:3], s[3] + 1, s[4])
-
-    return jax.lax.cond(done.metrics.applied, apply, skip, before)
 
 
 def _forward(loss_fn: Callable[..., Any], has_state: bool) -> _engine.Forward:

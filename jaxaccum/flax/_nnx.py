@@ -11,7 +11,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
 from jaxaccum import _checks, _docs, _engine, _loss_scale
@@ -362,8 +361,8 @@ def _update(
     )
 
     count = skipped[...] if isinstance(skipped, nnx.Variable) else None
-    before = (params, nnx.as_pure(optimizer.opt_state), rest, optimizer.step[...], count)
-    params, opt_state, rest, step, count = _optax_update(optimizer.tx, done, before)
+    before = (params, nnx.as_pure(optimizer.opt_state), optimizer.step[...], count, rest)
+    params, opt_state, step, count, rest = _engine.optax_update(optimizer.tx, done, before)
     nnx.update(model, params, rest)
     nnx.update(optimizer.opt_state, nnx.state(opt_state))
     optimizer.step[...] = step
@@ -372,22 +371,6 @@ def _update(
     if scale is not None and engine.loss_scale is not None:
         scale.set_value(_loss_scale.adjust(engine.loss_scale, scale.get_value(), done.finite))
     return done.metrics
-
-
-def _optax_update(tx: Any, done: _engine.Accumulated, before: tuple[Any, ...]) -> tuple[Any, ...]:
-    """``(params, opt_state, rest, step, skipped)`` after the step: the optimizer's update
-    and the carried state if it applies (as ``nnx.Optimizer.update`` would apply it), else
-    only ``skipped`` moves (None: the optimizer keeps no count)."""
-
-    def apply(s: tuple[Any, ...]) -> tuple[Any, ...]:
-        params, opt_state, _, step, count = s
-        updates, opt_state = tx.update(done.grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, done.carry, step + 1, count
-
-    def skip(s: tuple[Any, ...]) -> tuple[Any, ...]:
-        return (*s[:4], None if s[4] is None else s[4] + 1)
-
-    return jax.lax.cond(done.metrics.applied, apply, skip, before)
 
 
 def _axis_names(model: nnx.Module) -> list[str]:
