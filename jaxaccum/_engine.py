@@ -314,16 +314,16 @@ def _size_one_axis(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
     return run
 
 
+def axis_names_of(module: Any) -> list[str]:
+    """The axis names a layer declares in its ``axis_name`` (a name, a tuple, or none)."""
+    name = getattr(module, "axis_name", None)
+    if isinstance(name, str):
+        return [name]
+    return list(name) if isinstance(name, tuple) else []
+
+
 def declared_axes(tree: Any) -> list[str]:
     """The axis names that modules held in ``tree`` declare (an Equinox ``BatchNorm``'s
     ``axis_name``), for :func:`run`'s ``model_axes``."""
-
-    def declares(x: Any) -> bool:
-        return isinstance(getattr(x, "axis_name", None), str | tuple)
-
-    names: list[str] = []
-    for node in jax.tree.leaves(tree, is_leaf=declares):
-        if declares(node):
-            name = node.axis_name
-            names.extend([name] if isinstance(name, str) else name)
-    return names
+    nodes = jax.tree.leaves(tree, is_leaf=lambda x: bool(axis_names_of(x)))
+    return [name for node in nodes for name in axis_names_of(node)]

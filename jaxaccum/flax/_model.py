@@ -82,8 +82,7 @@ class Model:
     def _record(self, next_fun: Any, args: Any, kwargs: Any, context: Any) -> Any:
         if isinstance(context.module, nn.BatchNorm) and context.method_name == "__call__":
             self.momenta[tuple(context.module.path)] = float(context.module.momentum)
-        name = getattr(context.module, "axis_name", None)
-        self.axis_names.extend([name] if isinstance(name, str) else name or ())
+        self.axis_names.extend(_engine.axis_names_of(context.module))
         return next_fun(*args, **kwargs)
 
     def forward(self, p: Any, batch: Any, carry: Any, fixed: Any, key: Any) -> tuple[Any, Any]:

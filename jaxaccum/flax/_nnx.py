@@ -375,8 +375,4 @@ def _update(
 
 def _axis_names(model: nnx.Module) -> list[str]:
     """The axis names the model's layers reduce over (``nnx.BatchNorm(axis_name=...)``)."""
-    names: list[str] = []
-    for _, module in nnx.iter_modules(model):
-        name = getattr(module, "axis_name", None)
-        names.extend([name] if isinstance(name, str) else name if isinstance(name, tuple) else [])
-    return names
+    return [name for _, module in nnx.iter_modules(model) for name in _engine.axis_names_of(module)]
